@@ -1,0 +1,1 @@
+"""Who may log in and where mail for an address goes: users, aliases, checker."""

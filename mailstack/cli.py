@@ -1,0 +1,178 @@
+"""The ``mailstack`` administration command.
+
+    mailstack init [--user ADDRESS]          create directories, certificate, first user
+    mailstack user add|passwd|del|list ...   manage mailboxes
+    mailstack alias add|del|list ...         manage aliases
+
+Every command takes ``--config FILE`` (default: $MAILSTACK_CONFIG or
+/etc/mailstack/mailstack.toml). The daemon notices changes to the users and
+aliases files by itself; no restart or reload is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import secrets
+import sys
+
+from mailstack.addresses import BadAddress, canonical
+from mailstack.auth.aliases import Aliases
+from mailstack.auth.users import Users
+from mailstack.config import Config, ConfigError, load
+from mailstack.queue.spool import Spool
+from mailstack.store.maildir import MailRoot
+
+DEFAULT_CONFIG = "/etc/mailstack/mailstack.toml"
+
+
+class CommandError(Exception):
+    """A failure to report in one line, with exit status 1."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        config = load(args.config)
+        return args.run(config, args) or 0
+    except (ConfigError, CommandError, BadAddress, KeyError, ValueError) as e:
+        message = e.args[0] if isinstance(e, KeyError) else str(e)
+        print(f"mailstack: {message}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", default=os.environ.get("MAILSTACK_CONFIG", DEFAULT_CONFIG),
+                        help="configuration file (default: %(default)s)")
+    parser = argparse.ArgumentParser(prog="mailstack", description=__doc__.split("\n")[0],
+                                     parents=[common])
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    p = sub.add_parser("init", parents=[common], help="prepare a new instance")
+    p.add_argument("--user", help="create this mailbox (and postmaster alias) with a random password")
+    p.set_defaults(run=cmd_init)
+
+    user = sub.add_parser("user", help="manage mailboxes").add_subparsers(metavar="ACTION")
+    for action, func, text in (("add", cmd_user_add, "create a mailbox"),
+                               ("passwd", cmd_user_passwd, "change a password")):
+        p = user.add_parser(action, parents=[common], help=text)
+        p.add_argument("address")
+        p.add_argument("--password-stdin", action="store_true",
+                       help="read the password from the first line of standard input")
+        p.set_defaults(run=func)
+    p = user.add_parser("del", parents=[common], help="remove a mailbox (its mail stays on disk)")
+    p.add_argument("address")
+    p.set_defaults(run=cmd_user_del)
+    p = user.add_parser("list", parents=[common], help="list mailboxes")
+    p.set_defaults(run=cmd_user_list)
+
+    alias = sub.add_parser("alias", help="manage aliases").add_subparsers(metavar="ACTION")
+    p = alias.add_parser("add", parents=[common], help="add targets to an alias (@domain: catch-all)")
+    p.add_argument("source")
+    p.add_argument("targets", nargs="+")
+    p.set_defaults(run=cmd_alias_add)
+    p = alias.add_parser("del", parents=[common], help="remove an alias")
+    p.add_argument("source")
+    p.set_defaults(run=cmd_alias_del)
+    p = alias.add_parser("list", parents=[common], help="list aliases")
+    p.set_defaults(run=cmd_alias_list)
+    return parser
+
+
+def _read_password(args) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise CommandError("the passwords do not match")
+    if len(password) < 8:
+        raise CommandError("the password must have at least 8 characters")
+    return password
+
+
+def _check_domain(config: Config, address: str) -> str:
+    address = canonical(address)
+    if address.rpartition("@")[2] not in config.server.domains:
+        raise CommandError(f"{address}: the domain is not in server.domains of {config.source}")
+    return address
+
+
+def cmd_init(config: Config, args) -> None:
+    server = config.server
+    MailRoot(server.mail_root).ensure()
+    Spool(server.spool_dir).ensure()
+    tls = config.tls
+    if tls.certificate is not None and not tls.certificate.exists():
+        from mailstack.tls import make_self_signed
+
+        make_self_signed(server.hostname, tls.certificate, tls.private_key)
+        print(f"Created a self-signed certificate for {server.hostname} in {tls.certificate}")
+    if args.user:
+        address = _check_domain(config, args.user)
+        users = Users(server.users_file)
+        if users.exists(address):
+            print(f"{address} exists already; its password is unchanged.")
+        else:
+            password = secrets.token_urlsafe(12)
+            users.set_password(address, password, create=True)
+            print(f"Created {address} with the password: {password}")
+            print("(This is shown once. Change it with: mailstack user passwd " f"{address})")
+        aliases = Aliases(server.aliases_file)
+        known = {source for source, _ in aliases.items()}
+        for domain in server.domains:
+            if f"postmaster@{domain}" not in known:
+                aliases.add(f"postmaster@{domain}", [address])
+    print(f"Instance ready: mail root {server.mail_root}, spool {server.spool_dir}")
+
+
+def cmd_user_add(config: Config, args) -> None:
+    address = _check_domain(config, args.address)
+    Users(config.server.users_file).set_password(address, _read_password(args), create=True)
+    print(f"Created {address}")
+
+
+def cmd_user_passwd(config: Config, args) -> None:
+    address = canonical(args.address)
+    Users(config.server.users_file).set_password(address, _read_password(args), create=False)
+    print(f"Changed the password of {address}")
+
+
+def cmd_user_del(config: Config, args) -> None:
+    address = canonical(args.address)
+    Users(config.server.users_file).remove(address)
+    print(f"Removed {address}; its Maildir stays under {config.server.mail_root}")
+
+
+def cmd_user_list(config: Config, args) -> None:
+    for address in Users(config.server.users_file).addresses():
+        print(address)
+
+
+def cmd_alias_add(config: Config, args) -> None:
+    source = args.source
+    domain = source[1:] if source.startswith("@") else source.rpartition("@")[2]
+    if domain.lower() not in config.server.domains:
+        raise CommandError(f"{source}: the domain is not in server.domains of {config.source}")
+    Aliases(config.server.aliases_file).add(source, args.targets)
+    print(f"{source} -> {', '.join(args.targets)}")
+
+
+def cmd_alias_del(config: Config, args) -> None:
+    Aliases(config.server.aliases_file).remove(args.source)
+    print(f"Removed {args.source}")
+
+
+def cmd_alias_list(config: Config, args) -> None:
+    for source, targets in Aliases(config.server.aliases_file).items():
+        print(f"{source}: {', '.join(targets)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

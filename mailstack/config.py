@@ -1,0 +1,268 @@
+"""The configuration: one TOML file loaded into frozen dataclasses.
+
+Every key has its default here, in one place. Loading checks the whole file
+and reports every problem at once (file, key and reason), so an operator fixes
+a broken config in one round instead of one error per restart. Relative paths
+are resolved against the directory of the config file, so an instance can be
+moved as a whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Listener kinds and what each one speaks. ``implicit_tls`` listeners start
+#: TLS before the first byte (RFC 8314); the others offer STARTTLS/STLS.
+PROTOCOLS = {
+    "smtp": ("smtp", "mx", False),
+}
+
+
+class ConfigError(Exception):
+    """The config file cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, path: Path | str, problems: list[str]):
+        self.path = Path(path)
+        self.problems = problems
+        super().__init__(
+            f"{path}: {len(problems)} problem(s) in the configuration:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    #: The name this server gives in its greeting, EHLO and Received headers.
+    hostname: str = "localhost"
+    #: Domains whose mail is delivered here (local domains).
+    domains: tuple[str, ...] = ()
+    #: Root of the users' Maildirs: <mail_root>/<domain>/<localpart>/Maildir.
+    mail_root: Path = Path("maildirs")
+    #: The durable queue every accepted message is written to first.
+    spool_dir: Path = Path("spool")
+    #: ``address:{ARGON2ID}hash`` lines, reloaded when the file changes.
+    users_file: Path = Path("users")
+    #: ``address: target, target`` lines (``@domain`` is a catch-all).
+    aliases_file: Path = Path("aliases")
+    #: Threads for blocking work (fsync, password hashing, DNS).
+    threads: int = 16
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    #: PEM certificate, possibly a full chain (certbot's fullchain.pem).
+    certificate: Path | None = None
+    #: PEM private key (certbot's privkey.pem).
+    private_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class Listener:
+    #: One of PROTOCOLS.
+    protocol: str = ""
+    address: str = "127.0.0.1"
+    port: int = 0
+
+    @property
+    def speaks(self) -> str:
+        return PROTOCOLS[self.protocol][0]
+
+    @property
+    def role(self) -> str | None:
+        return PROTOCOLS[self.protocol][1]
+
+    @property
+    def implicit_tls(self) -> bool:
+        return PROTOCOLS[self.protocol][2]
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    #: Largest message accepted, in octets (advertised with SIZE, RFC 1870).
+    max_message_size: int = 26_214_400
+    #: RFC 5321 4.5.3.1.8 requires at least 100.
+    max_recipients: int = 100
+    #: RFC 5321 4.5.3.1.4: 512 octets including CRLF.
+    max_command_line: int = 512
+    #: RFC 5321 4.5.3.1.6: 1000 octets including CRLF.
+    max_text_line: int = 1000
+    #: Seconds without a command before 421 4.4.2 (RFC 5321 4.5.3.2 suggests 300).
+    idle_timeout: float = 300.0
+    #: Errors in one session before 421 and disconnect.
+    max_errors: int = 20
+    #: Simultaneous SMTP connections on one listener, and from one client IP.
+    max_connections: int = 1000
+    max_connections_per_ip: int = 20
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    #: Seconds before a failed local delivery (disk full, ...) is tried again.
+    retry_delay: float = 60.0
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    smtp: SMTPConfig = field(default_factory=SMTPConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    listen: tuple[Listener, ...] = ()
+    #: The file this was loaded from (None for built-in defaults).
+    source: Path | None = None
+
+
+_SECTIONS = {"server": ServerConfig, "tls": TLSConfig, "smtp": SMTPConfig, "queue": QueueConfig}
+
+
+def load(path: Path | str) -> Config:
+    """Read and check the config file; raise ConfigError naming every problem."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(path, [f"cannot read the file: {e.strerror}"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, [f"not valid TOML: {e}"]) from None
+    return from_dict(raw, path)
+
+
+def from_dict(raw: dict, path: Path | str) -> Config:
+    """Build a Config from parsed TOML; paths are relative to ``path``'s directory."""
+    path = Path(path)
+    base = path.resolve().parent
+    problems: list[str] = []
+    sections: dict[str, object] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                problems.append(f"[{key}]: must be a table")
+                continue
+            sections[key] = _build(_SECTIONS[key], value, key, base, problems)
+        elif key == "listen":
+            if not isinstance(value, list):
+                problems.append("listen: must be an array of tables ([[listen]])")
+                continue
+            listeners = []
+            for i, item in enumerate(value):
+                if not isinstance(item, dict):
+                    problems.append(f"listen[{i}]: must be a table")
+                    continue
+                listeners.append(_build(Listener, item, f"listen[{i}]", base, problems))
+            sections["listen"] = tuple(listeners)
+        else:
+            problems.append(f"{key}: unknown section")
+    config = Config(**sections, source=path)
+    problems.extend(_check(config))
+    if problems:
+        raise ConfigError(path, problems)
+    return config
+
+
+def _build(cls, table: dict, where: str, base: Path, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in names:
+            problems.append(f"{where}.{key}: unknown key")
+            continue
+        converted = _convert(value, hints[key], base)
+        if converted is _BAD:
+            problems.append(
+                f"{where}.{key}: expected {_describe(hints[key])}, got {type(value).__name__} {value!r}"
+            )
+            continue
+        values[key] = converted
+    return cls(**values)
+
+
+_BAD = object()
+
+
+def _convert(value, hint, base: Path):
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0]
+    if optional and value == "":
+        return None
+    if hint is bool:
+        return value if isinstance(value, bool) else _BAD
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if ok else _BAD
+    if hint is str:
+        return value if isinstance(value, str) else _BAD
+    if hint is Path:
+        return base / value if isinstance(value, str) and value else _BAD
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return _BAD
+        return tuple(value)
+    raise TypeError(f"unsupported config type {hint!r}")
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) is tuple:
+        return "a list of strings"
+    if isinstance(hint, types.UnionType):
+        hint = typing.get_args(hint)[0]
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            Path: "a path (string)"}.get(hint, str(hint))
+
+
+def _check(config: Config) -> list[str]:
+    """Rules that involve values, not just types."""
+    problems = []
+    s = config.server
+    if not s.hostname or any(c in s.hostname for c in " \t\r\n/"):
+        problems.append(f"server.hostname: {s.hostname!r} is not a host name")
+    for d in s.domains:
+        if not d or d != d.lower().rstrip(".") or any(c in d for c in " \t\r\n/@"):
+            problems.append(f"server.domains: {d!r} must be a lower-case domain without a trailing dot")
+    if s.threads < 1:
+        problems.append("server.threads: must be at least 1")
+    if (config.tls.certificate is None) != (config.tls.private_key is None):
+        problems.append("tls: certificate and private_key must be given together")
+    for key in ("max_message_size", "max_recipients", "max_errors", "max_connections",
+                "max_connections_per_ip"):
+        if getattr(config.smtp, key) < 1:
+            problems.append(f"smtp.{key}: must be at least 1")
+    if config.smtp.max_command_line < 512:
+        problems.append("smtp.max_command_line: RFC 5321 requires at least 512")
+    if config.smtp.max_text_line < 1000:
+        problems.append("smtp.max_text_line: RFC 5321 requires at least 1000")
+    if config.queue.retry_delay <= 0:
+        problems.append("queue.retry_delay: must be positive")
+    if config.smtp.idle_timeout <= 0:
+        problems.append("smtp.idle_timeout: must be positive")
+    seen = set()
+    for i, lst in enumerate(config.listen):
+        if lst.protocol not in PROTOCOLS:
+            problems.append(
+                f"listen[{i}].protocol: {lst.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+            continue
+        if not 0 <= lst.port <= 65535:
+            problems.append(f"listen[{i}].port: {lst.port} is not a port number")
+        try:
+            ipaddress.ip_address(lst.address)
+        except ValueError:
+            problems.append(f"listen[{i}].address: {lst.address!r} is not an IP address")
+        if (lst.address, lst.port) in seen and lst.port:
+            problems.append(f"listen[{i}]: {lst.address}:{lst.port} is used twice")
+        seen.add((lst.address, lst.port))
+        needs_tls = lst.implicit_tls or lst.role == "submission"
+        if needs_tls and config.tls.certificate is None:
+            problems.append(f"listen[{i}]: {lst.protocol} needs [tls] certificate and private_key")
+    return problems

@@ -1,0 +1,1 @@
+"""The spool and what drains it: local delivery now, the outbound runner later."""

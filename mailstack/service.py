@@ -1,0 +1,132 @@
+"""Config -> one MultiService: the listeners, the thread pool and local delivery."""
+
+from __future__ import annotations
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from mailstack import tls
+from mailstack.auth.aliases import Aliases
+from mailstack.auth.directory import Directory
+from mailstack.auth.users import Users
+from mailstack.config import Config, Listener
+from mailstack.queue.local import LocalDelivery
+from mailstack.queue.spool import Envelope, Spool
+from mailstack.smtp.server import SMTPFactory
+from mailstack.store.maildir import MailRoot
+
+log = Logger(namespace="mailstack")
+
+
+class ListenerService(Service):
+    """Binds one listener in ``privilegedStartService`` (before privileges drop).
+
+    A bind failure raises there, so twistd stops at start-up with the reason
+    instead of running without the port.
+    """
+
+    def __init__(self, spec: Listener, endpoint, factory):
+        self.spec = spec
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        failures = []
+        d = self.endpoint.listen(self.factory)
+        d.addCallbacks(self._listening, failures.append)
+        if failures:
+            failures[0].raiseException()
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        host = port.getHost()
+        log.info("listening for {proto} on {host}:{port}", proto=self.spec.protocol,
+                 host=host.host, port=host.port)
+
+    def stopService(self) -> Deferred | None:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+class MailstackService(MultiService):
+    def __init__(self, config: Config, reactor=None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.config = config
+        server = config.server
+        self.pool = ThreadPool(minthreads=0, maxthreads=server.threads, name="mailstack")
+        self.users = Users(server.users_file)
+        self.directory = Directory(server.domains, self.users, Aliases(server.aliases_file))
+        self.mail_root = MailRoot(server.mail_root)
+        self.spool = Spool(server.spool_dir)
+        self.spool.open()
+        self.tls_context = tls.server_context(config.tls)
+        self.local = LocalDelivery(self.spool, self.mail_root, server.hostname,
+                                   self.run_blocking, reactor, config.queue.retry_delay)
+        self.listeners: list[ListenerService] = []
+        for spec in config.listen:
+            listener = ListenerService(spec, self._endpoint(spec), self._factory(spec))
+            listener.setServiceParent(self)
+            self.listeners.append(listener)
+
+    def run_blocking(self, f, *args, **kwargs) -> Deferred:
+        """Run blocking work (fsync, hashing) in the bounded pool."""
+        return deferToThreadPool(self.reactor, self.pool, f, *args, **kwargs)
+
+    def _endpoint(self, spec: Listener):
+        if spec.implicit_tls:
+            return endpoints.SSL4ServerEndpoint(self.reactor, spec.port, self.tls_context,
+                                                interface=spec.address)
+        if ":" in spec.address:
+            return endpoints.TCP6ServerEndpoint(self.reactor, spec.port, interface=spec.address)
+        return endpoints.TCP4ServerEndpoint(self.reactor, spec.port, interface=spec.address)
+
+    def _factory(self, spec: Listener):
+        return SMTPFactory(self.config, spec.role, self.directory, self.spool, self.queued,
+                           self.run_blocking, self.tls_context, spec.implicit_tls)
+
+    def queued(self, envelope: Envelope) -> None:
+        """A message was committed to the spool: start its local deliveries."""
+        if any(r.local for r in envelope.recipients):
+            self.local.deliver(envelope)
+
+    def port_of(self, protocol: str) -> int:
+        """The bound port of the first listener for ``protocol`` (tests use port 0)."""
+        for listener in self.listeners:
+            if listener.spec.protocol == protocol and listener.port is not None:
+                return listener.port.getHost().port
+        raise KeyError(protocol)
+
+    def startService(self) -> None:
+        self.pool.start()
+        self.mail_root.ensure()
+        removed = self.mail_root.clean_tmp()
+        if removed:
+            log.info("removed {n} stale file(s) from Maildir tmp/ directories", n=removed)
+        pending = self.local.recover()
+        if pending:
+            log.info("resuming {n} interrupted local deliveries", n=len(pending))
+        super().startService()
+
+    def stopService(self) -> Deferred:
+        d = super().stopService()
+
+        def stopped(result):
+            self.local.stop()
+            self.pool.stop()
+            self.spool.close()
+            return result
+
+        return d.addBoth(stopped)

@@ -1,0 +1,128 @@
+"""SMTP framing: splitting the byte stream into lines, and reading DATA.
+
+Both are small state machines over bytes, tested without sockets
+(STYLE.md 2). The rules, and the attacks they close:
+
+* Lines end at LF. A line that does not end in CRLF is reported as such and
+  never treated as a command or as the end of data, so ``\\n.\\n``,
+  ``\\n.\\r\\n``, ``\\r.\\r`` and friends cannot end a message early
+  (SMTP smuggling, SECURITY-TESTS SMUG-1..5).
+* A line longer than the limit is reported once and its remainder discarded
+  up to the next LF: memory stays bounded whatever the client sends (LIM-2),
+  and during DATA an over-long line never switches back to command mode
+  (SMUG-11, LIM-4); the error is answered after the final dot.
+* DATA ends only at a line that is exactly ``.`` CRLF; leading dots are
+  unstuffed (RFC 5321 4.5.2); after an error the reader keeps consuming up to
+  that final dot so the dialogue stays in step (SMUG-8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from mailstack.smtp import reply
+from mailstack.smtp.reply import Reply
+
+
+@dataclass(frozen=True)
+class Line:
+    #: The line without its terminator (and without the CR of a CRLF).
+    text: bytes
+    #: Ended with CRLF (False: bare LF, or a CR inside the line).
+    crlf: bool = True
+    #: Longer than the limit; ``text`` holds only the start.
+    overlong: bool = False
+
+
+class LineSplitter:
+    """Turns received chunks into Lines, holding at most ``limit`` bytes of a line."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._buffer = b""
+        self._pos = 0
+        self._discarding = False
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+
+    def clear(self) -> None:
+        """Forget buffered input (STARTTLS: nothing sent before it may count)."""
+        self._buffer = b""
+        self._pos = 0
+        self._discarding = False
+
+    def pending(self) -> bool:
+        return self._pos < len(self._buffer)
+
+    def feed(self, data: bytes) -> None:
+        if self._pos:
+            self._buffer = self._buffer[self._pos:]
+            self._pos = 0
+        self._buffer += data
+
+    def next_line(self) -> Line | None:
+        """The next complete line, or None when more input is needed."""
+        while True:
+            end = self._buffer.find(b"\n", self._pos)
+            if end < 0:
+                if len(self._buffer) - self._pos >= self.limit:
+                    # Keep nothing of a line that is already too long.
+                    head = self._buffer[self._pos:self._pos + self.limit]
+                    self._buffer = b""
+                    self._pos = 0
+                    if self._discarding:
+                        return None
+                    self._discarding = True
+                    return Line(head, crlf=False, overlong=True)
+                return None
+            raw = self._buffer[self._pos:end]
+            self._pos = end + 1
+            if self._discarding:
+                # The end of an over-long line already reported.
+                self._discarding = False
+                continue
+            if len(raw) + 1 > self.limit:
+                return Line(raw[: self.limit], crlf=False, overlong=True)
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+                return Line(raw, crlf=b"\r" not in raw)
+            return Line(raw, crlf=False)
+
+
+class DataReader:
+    """Consumes the lines of one DATA section and decides its outcome.
+
+    ``write(line)`` receives each unstuffed line (without its end) as long as
+    no error has occurred. After the final dot, ``error`` is the Reply to give
+    (None: the message is good).
+    """
+
+    def __init__(self, max_size: int, write: Callable[[bytes], None]):
+        self.max_size = max_size
+        self._write = write
+        self.size = 0
+        self.error: Reply | None = None
+        self.done = False
+
+    def feed(self, line: Line) -> bool:
+        """Take one line; True when it was the final dot."""
+        if line.crlf and line.text == b"." and not line.overlong:
+            self.done = True
+            return True
+        if line.overlong:
+            self._fail(reply.TEXT_LINE_TOO_LONG)
+        elif not line.crlf:
+            self._fail(reply.BARE_NEWLINE_DATA)
+        text = line.text[1:] if line.text.startswith(b".") else line.text
+        self.size += len(text) + 2
+        if self.size > self.max_size:
+            self._fail(reply.MESSAGE_TOO_BIG)
+        if self.error is None:
+            self._write(text)
+        return False
+
+    def _fail(self, error: Reply) -> None:
+        if self.error is None:
+            self.error = error

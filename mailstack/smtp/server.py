@@ -1,0 +1,62 @@
+"""The SMTP listener: shared state of its sessions and the connection limits."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ServerFactory
+
+from mailstack.auth.directory import Directory
+from mailstack.config import Config
+from mailstack.queue.spool import Envelope, Spool
+from mailstack.smtp.reply import Reply
+from mailstack.smtp.session import Session
+
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Error: too many connections, try again later")
+TOO_MANY_FROM_YOU = Reply(421, "4.7.0", "Error: too many connections from your address, "
+                                        "try again later")
+
+
+class SMTPFactory(ServerFactory):
+    protocol = Session
+    noisy = False
+
+    def __init__(self, config: Config, role: str, directory: Directory, spool: Spool,
+                 queued: Callable[[Envelope], object], run_blocking: Callable[..., Deferred],
+                 tls_context=None, implicit_tls: bool = False):
+        self.config = config
+        self.hostname = config.server.hostname
+        self.role = role
+        self.directory = directory
+        self.spool = spool
+        #: Called with each envelope committed to the spool (starts delivery).
+        self.queued = queued
+        self.run_blocking = run_blocking
+        self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
+        self._sessions: set[Session] = set()
+        self._per_ip: dict[str, int] = {}
+
+    def admit(self, session: Session) -> Reply | None:
+        """Register a new session, or the 421 that refuses it."""
+        limits = self.config.smtp
+        if len(self._sessions) >= limits.max_connections:
+            return TOO_MANY_CONNECTIONS
+        if self._per_ip.get(session.client_ip, 0) >= limits.max_connections_per_ip:
+            return TOO_MANY_FROM_YOU
+        self._sessions.add(session)
+        self._per_ip[session.client_ip] = self._per_ip.get(session.client_ip, 0) + 1
+        return None
+
+    def release(self, session: Session) -> bool:
+        """Forget a closed session; False if it was never admitted."""
+        if session not in self._sessions:
+            return False
+        self._sessions.discard(session)
+        left = self._per_ip[session.client_ip] - 1
+        if left:
+            self._per_ip[session.client_ip] = left
+        else:
+            del self._per_ip[session.client_ip]
+        return True

@@ -1,0 +1,459 @@
+"""One ESMTP session (RFC 5321), from greeting to QUIT.
+
+Why not a subclass of ``twisted.mail.smtp.ESMTP``: its framing is
+``LineOnlyReceiver``, which buffers a line without bound (LIM-2) and, on an
+over-long DATA line, drops back into command mode so the rest of the body
+runs as commands (SMUG-11); its STARTTLS keeps plaintext pipelined before
+the handshake (CVE-2011-0411 class) and the session state (TLS-1..4); and it
+keeps reading pipelined commands while a ``validateTo`` Deferred is pending,
+so replies can overtake each other. Fixing all of that would override nearly
+every method, so the session is written here on ``Protocol`` with Twisted's
+``TimeoutMixin``, and ``framing`` does the byte-level work.
+
+Commands run one at a time, in order: a command whose work is asynchronous
+(committing a message to the spool) pauses reading until its reply is sent,
+so PIPELINING (RFC 2920) is safe and the input buffer stays bounded.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from mailstack.queue.spool import Envelope, MessageWriter, Recipient, new_queue_id
+from mailstack.smtp import reply
+from mailstack.smtp.address import AddressSyntax, Mailbox, parse_path_and_params
+from mailstack.smtp.framing import DataReader, Line, LineSplitter
+from mailstack.smtp.reply import Reply, printable
+
+log = Logger(namespace="mailstack.smtpd")
+
+# RFC 5321 4.1.1.1: a domain or an address literal; underscores are common in
+# the wild and harmless here. Nothing that could break a Received header.
+_HELO_NAME = re.compile(rb"[A-Za-z0-9._:\-\[\]]{1,255}\Z")
+_HTTP_VERBS = {b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS", b"DELETE"}
+
+
+@dataclass
+class Transaction:
+    """What MAIL, RCPT and DATA build up; RSET, HELO and STARTTLS discard it."""
+
+    sender: Mailbox | None
+    recipients: list[Recipient] = field(default_factory=list)
+    #: RCPT TO arguments as given, for the log line.
+    accepted: list[str] = field(default_factory=list)
+    queue_id: str = ""
+    #: Bytes of the Return-Path line in front of the message in the spool.
+    body_offset: int = 0
+    writer: MessageWriter | None = None
+    reader: DataReader | None = None
+
+    @property
+    def sender_text(self) -> str:
+        return str(self.sender) if self.sender else ""
+
+
+class Session(Protocol, TimeoutMixin):
+    """An ESMTP server session; ``factory`` is an ``SMTPFactory``."""
+
+    def __init__(self):
+        self.helo: str | None = None
+        self.esmtp = False
+        self.tls = False
+        self.transaction: Transaction | None = None
+        self.errors = 0
+        self.closing = False
+        self._busy = False
+        self._counts: dict[str, int] = {}
+
+    # -- connection -------------------------------------------------------
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.client_ip = getattr(peer, "host", str(peer))
+        self.client_port = getattr(peer, "port", 0)
+        self.limits = self.factory.config.smtp
+        self.splitter = LineSplitter(self.limits.max_command_line)
+        self.tls = self.factory.implicit_tls
+        refusal = self.factory.admit(self)
+        if refusal is not None:
+            log.info("reject: connect from [{ip}]: {reply}", ip=self.client_ip,
+                     reply=refusal.text)
+            self.reply(refusal)
+            self.close()
+            return
+        log.info("connect from [{ip}]:{port}", ip=self.client_ip, port=self.client_port)
+        self.setTimeout(self.limits.idle_timeout)
+        self.reply(Reply(220, "", f"{self.factory.hostname} ESMTP mailstack"))
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.setTimeout(None)
+        self._abort_transaction()
+        if self.factory.release(self):
+            counts = " ".join(f"{k}={v}" for k, v in self._counts.items())
+            log.info("disconnect from [{ip}]:{port} {counts}", ip=self.client_ip,
+                     port=self.client_port, counts=counts)
+
+    def timeoutConnection(self) -> None:
+        log.info("timeout after {state} from [{ip}]", state=self._state_name(), ip=self.client_ip)
+        self.reply(reply.TIMEOUT)
+        self.close()
+
+    def close(self) -> None:
+        self.closing = True
+        self.transport.loseConnection()
+
+    # -- input ------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.resetTimeout()
+        self.splitter.feed(data)
+        self._process()
+
+    def _process(self) -> None:
+        while not self._busy and not self.closing:
+            line = self.splitter.next_line()
+            if line is None:
+                return
+            t = self.transaction
+            if t is not None and t.reader is not None:
+                self._data_line(t, line)
+            else:
+                self._command_line(line)
+
+    def _wait_for(self, d: Deferred) -> None:
+        """Hold further input until ``d`` (which sends the reply) has fired."""
+        self._busy = True
+        self.transport.pauseProducing()
+
+        def resume(result):
+            self._busy = False
+            if not self.closing:
+                self.transport.resumeProducing()
+                self._process()
+            return result
+
+        d.addBoth(resume)
+
+    def reply(self, r: Reply) -> None:
+        """The one place replies are written; errors count toward the limit."""
+        self.transport.write(b"".join(line + b"\r\n" for line in r.lines()))
+        if r.is_error and r.code != 421:
+            self.errors += 1
+            if self.errors >= self.limits.max_errors:
+                log.info("too many errors after {state} from [{ip}]",
+                         state=self._state_name(), ip=self.client_ip)
+                self.transport.write(b"".join(x + b"\r\n" for x in reply.TOO_MANY_ERRORS.lines()))
+                self.close()
+
+    # -- commands ---------------------------------------------------------
+    def _command_line(self, line: Line) -> None:
+        if line.overlong:
+            self.reply(reply.LINE_TOO_LONG)
+            return
+        if not line.crlf:
+            self.reply(reply.BARE_NEWLINE_CMD)
+            return
+        verb, _, arg = line.text.strip(b" ").partition(b" ")
+        verb = verb.upper()
+        name = verb.decode("ascii", "replace")
+        handler = getattr(self, f"smtp_{name}", None) if verb.isalpha() else None
+        if verb in _HTTP_VERBS:
+            log.info("reject: HTTP command from [{ip}]", ip=self.client_ip)
+            self.reply(reply.HTTP_COMMAND)
+            self.close()
+            return
+        if handler is None:
+            self._count("unknown")
+            self.reply(reply.UNKNOWN_COMMAND if verb else reply.SYNTAX)
+            return
+        self._count(name.lower())
+        try:
+            result = handler(arg.strip(b" "))
+        except Reply as r:
+            self.reply(r)
+            return
+        if isinstance(result, Deferred):
+            self._wait_for(result)
+        elif result is not None:
+            self.reply(result)
+
+    def _count(self, name: str) -> None:
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def _state_name(self) -> str:
+        t = self.transaction
+        if t is None:
+            return "CONNECT" if self.helo is None else "HELO"
+        if t.reader is not None:
+            return "DATA"
+        return "RCPT" if t.recipients else "MAIL"
+
+    def smtp_HELO(self, arg: bytes) -> Reply:
+        return self._hello(arg, esmtp=False)
+
+    def smtp_EHLO(self, arg: bytes) -> Reply:
+        return self._hello(arg, esmtp=True)
+
+    def _hello(self, arg: bytes, esmtp: bool) -> Reply:
+        if not arg:
+            return Reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
+        if not _HELO_NAME.match(arg):
+            return Reply(501, "5.5.2", "Error: invalid HELO/EHLO name")
+        self._abort_transaction()
+        self.helo = arg.decode("ascii")
+        self.esmtp = esmtp
+        greeting = f"{self.factory.hostname} Hello {self.helo} [{self.client_ip}]"
+        if not esmtp:
+            return Reply(250, "", greeting)
+        return Reply(250, "", "\n".join([greeting, *self.extensions()]))
+
+    def extensions(self) -> list[str]:
+        """What EHLO advertises: only what this session really does."""
+        ext = [f"SIZE {self.limits.max_message_size}", "PIPELINING", "8BITMIME",
+               "ENHANCEDSTATUSCODES"]
+        if self.factory.tls_context is not None and not self.tls:
+            ext.append("STARTTLS")
+        return ext
+
+    def smtp_STARTTLS(self, arg: bytes) -> Reply | None:
+        if arg:
+            return Reply(501, "5.5.4", "Syntax: STARTTLS")
+        if self.tls:
+            return Reply(503, "5.5.1", "Error: TLS already active")
+        if self.factory.tls_context is None:
+            return reply.TLS_NOT_AVAILABLE
+        self.reply(Reply(220, "2.0.0", "Ready to start TLS"))
+        # RFC 3207 4.2: forget everything, including commands the client
+        # pipelined in plaintext after STARTTLS (CVE-2011-0411 class).
+        self.splitter.clear()
+        self._abort_transaction()
+        self.helo = None
+        self.esmtp = False
+        self.tls = True
+        self.transport.startTLS(self.factory.tls_context)
+        return None
+
+    def smtp_NOOP(self, arg: bytes) -> Reply:
+        return reply.OK
+
+    def smtp_RSET(self, arg: bytes) -> Reply:
+        if arg:
+            return Reply(501, "5.5.4", "Syntax: RSET")
+        self._abort_transaction()
+        return reply.OK
+
+    def smtp_QUIT(self, arg: bytes) -> None:
+        self.reply(reply.BYE)
+        self.close()
+
+    def smtp_HELP(self, arg: bytes) -> Reply:
+        return Reply(214, "2.0.0", "See RFC 5321 and https://www.rfc-editor.org/rfc/rfc5321")
+
+    def smtp_VRFY(self, arg: bytes) -> Reply:
+        # Answering would let anyone list the users (Postfix disable_vrfy_command).
+        return Reply(502, "5.5.1", "VRFY command is disabled")
+
+    def smtp_EXPN(self, arg: bytes) -> Reply:
+        return Reply(502, "5.5.1", "EXPN command is disabled")
+
+    def smtp_BDAT(self, arg: bytes) -> Reply:
+        # CHUNKING is not advertised; never read BDAT data (SMUG-7).
+        return reply.NOT_IMPLEMENTED
+
+    def smtp_MAIL(self, arg: bytes) -> Reply:
+        if self.helo is None:
+            return reply.NEED_HELO
+        if self.transaction is not None:
+            return reply.NESTED_MAIL
+        if arg[:5].upper() != b"FROM:":
+            return Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+        try:
+            sender, params = parse_path_and_params(arg[5:], allow_null=True)
+        except AddressSyntax as e:
+            return Reply(501, "5.1.7", f"Bad sender address syntax: {e}")
+        for key, value in params.items():
+            if key == "SIZE":
+                if not value.isdigit() or len(value) > 20:
+                    return Reply(501, "5.5.4", "Bad SIZE parameter")
+                if int(value) > self.limits.max_message_size:
+                    return reply.MESSAGE_TOO_BIG
+            elif key == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    return Reply(501, "5.5.4", "Bad BODY parameter")
+            else:
+                return reply.BAD_PARAMETER
+        self.transaction = Transaction(sender)
+        return Reply(250, "2.1.0", "Ok")
+
+    def smtp_RCPT(self, arg: bytes) -> Reply:
+        t = self.transaction
+        if t is None:
+            return reply.NEED_MAIL
+        if arg[:3].upper() != b"TO:":
+            return Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+        path = arg[3:].strip(b" ")
+        if path.lower() in (b"<postmaster>", b"postmaster"):
+            # RFC 5321 4.5.1: "Postmaster" without a domain must be accepted.
+            path = b"<postmaster@" + self.factory.directory.primary_domain.encode() + b">"
+        try:
+            mailbox, params = parse_path_and_params(path, allow_null=False)
+        except AddressSyntax as e:
+            return self._reject_rcpt(Reply(501, "5.1.3", f"Bad recipient address syntax: {e}"),
+                                     printable(path))
+        if params:
+            return reply.BAD_PARAMETER
+        if len(t.accepted) >= self.limits.max_recipients:
+            return reply.TOO_MANY_RECIPIENTS
+        rcpt = str(mailbox)
+        directory = self.factory.directory
+        if mailbox.is_literal or not directory.is_local_domain(mailbox.domain):
+            return self._reject_rcpt(Reply(554, "5.7.1", f"<{rcpt}>: Relay access denied"), rcpt)
+        destinations = None if mailbox.quoted else directory.resolve(rcpt)
+        if destinations is None:
+            return self._reject_rcpt(
+                Reply(550, "5.1.1", f"<{rcpt}>: Recipient address rejected: "
+                                    "User unknown in local recipient table"), rcpt)
+        known = {r.address for r in t.recipients}
+        for dest in destinations:
+            if dest.address not in known:
+                known.add(dest.address)
+                t.recipients.append(Recipient(dest.address, rcpt, dest.local))
+        t.accepted.append(rcpt)
+        return Reply(250, "2.1.5", "Ok")
+
+    def _reject_rcpt(self, r: Reply, rcpt: str) -> Reply:
+        log.info("NOQUEUE: reject: RCPT from [{ip}]: {code} {enhanced} {text}; from=<{sender}> "
+                 "to=<{rcpt}> helo=<{helo}>", ip=self.client_ip, code=r.code,
+                 enhanced=r.enhanced, text=r.text, sender=self.transaction.sender_text,
+                 rcpt=rcpt, helo=self.helo)
+        return r
+
+    def smtp_DATA(self, arg: bytes) -> Reply | None:
+        t = self.transaction
+        if arg:
+            return Reply(501, "5.5.4", "Syntax: DATA")
+        if t is None:
+            return reply.NEED_MAIL
+        if not t.accepted:
+            return reply.NEED_RCPT
+        if self.splitter.pending():
+            # RFC 2920 3.1: the message may only follow the 354 (LIM-6).
+            log.info("reject: DATA from [{ip}]: data sent before 354, helo=<{helo}>",
+                     ip=self.client_ip, helo=self.helo)
+            self.reply(reply.SYNC_ERROR)
+            self.close()
+            return None
+        t.queue_id = new_queue_id()
+        try:
+            t.writer = self.factory.spool.writer(t.queue_id)
+            self._write_trace_headers(t)
+        except OSError as e:
+            log.error("{id}: cannot open spool file: {err}", id=t.queue_id, err=e)
+            self._abort_transaction()
+            return reply.LOCAL_ERROR
+        t.reader = DataReader(self.limits.max_message_size, t.writer.write_line)
+        self.splitter.set_limit(self.limits.max_text_line)
+        return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+
+    def _write_trace_headers(self, t: Transaction) -> None:
+        t.writer.write_line(f"Return-Path: <{t.sender_text}>".encode())
+        t.body_offset = t.writer.size
+        for header_line in self._received(t):
+            t.writer.write_line(header_line.encode())
+
+    def _received(self, t: Transaction) -> list[str]:
+        """The Received header (RFC 5321 4.4), in Postfix's layout."""
+        ip = ip_address(self.client_ip) if self.client_ip else None
+        literal = f"IPv6:{ip}" if ip is not None and ip.version == 6 else str(ip)
+        protocol = ("ESMTP" if self.esmtp else "SMTP") + ("S" if self.tls else "")
+        lines = [f"Received: from {self.helo} ([{literal}])"]
+        cipher = self._tls_description()
+        if cipher:
+            lines.append(f"\t({cipher})")
+        by = f"\tby {self.factory.hostname} (mailstack) with {protocol} id {t.queue_id}"
+        date = email.utils.format_datetime(email.utils.localtime())
+        if len(t.accepted) == 1:
+            # Only for a single recipient, so Bcc recipients are not revealed.
+            lines += [by, f"\tfor <{t.accepted[0]}>; {date}"]
+        else:
+            lines += [by + ";", f"\t{date}"]
+        return lines
+
+    def _tls_connection(self):
+        """The pyOpenSSL connection when TLS is up, else None."""
+        if not self.tls:
+            return None
+        conn = self.transport.getHandle()
+        return conn if hasattr(conn, "get_cipher_name") else None
+
+    def _tls_version(self) -> str:
+        conn = self._tls_connection()
+        return conn.get_protocol_version_name() if conn is not None else ""
+
+    def _tls_description(self) -> str:
+        conn = self._tls_connection()
+        if conn is None:
+            return ""
+        return (f"using {conn.get_protocol_version_name()} with cipher "
+                f"{conn.get_cipher_name()} ({conn.get_cipher_bits()} bits)")
+
+    # -- DATA -------------------------------------------------------------
+    def _data_line(self, t: Transaction, line: Line) -> None:
+        if not t.reader.feed(line):
+            return
+        self.splitter.set_limit(self.limits.max_command_line)
+        if t.reader.error is not None:
+            self._log_transaction(t, f"reject ({t.reader.error.code} {t.reader.error.text})")
+            error = t.reader.error
+            self._abort_transaction()
+            self.reply(error)
+            return
+        envelope = Envelope(
+            id=t.queue_id, sender=t.sender_text, recipients=t.recipients,
+            arrival=time.time(), client=f"[{self.client_ip}]:{self.client_port}",
+            helo=self.helo or "", body_offset=t.body_offset)
+        writer = t.writer
+        t.writer = None
+        d = self.factory.run_blocking(writer.commit, envelope)
+        d.addCallbacks(self._committed, self._commit_failed,
+                       callbackArgs=(t, envelope), errbackArgs=(t, writer))
+        self._wait_for(d)
+
+    def _committed(self, _: None, t: Transaction, envelope: Envelope) -> None:
+        self.transaction = None
+        self._log_transaction(t, "queued", envelope.size)
+        self.reply(Reply(250, "2.0.0", f"Ok: queued as {t.queue_id}"))
+        self.factory.queued(envelope)
+
+    def _commit_failed(self, failure: Failure, t: Transaction, writer: MessageWriter) -> None:
+        log.failure("{id}: cannot commit to the spool", failure, id=t.queue_id)
+        writer.abort()
+        self.transaction = None
+        self._log_transaction(t, "deferred (spool write failed)")
+        self.reply(reply.LOCAL_ERROR)
+
+    def _log_transaction(self, t: Transaction, result: str, size: int | None = None) -> None:
+        log.info("{id}: client=[{ip}]:{port}, helo=<{helo}>, from=<{sender}>, to=<{rcpts}>, "
+                 "size={size}, tls={tls}, result={result}", id=t.queue_id or "NOQUEUE",
+                 ip=self.client_ip, port=self.client_port, helo=self.helo,
+                 sender=t.sender_text, rcpts=">,<".join(t.accepted),
+                 size=size if size is not None else (t.reader.size if t.reader else 0),
+                 tls=self._tls_version() or "no",
+                 result=result)
+
+    def _abort_transaction(self) -> None:
+        t = self.transaction
+        self.transaction = None
+        if t is not None and t.writer is not None:
+            t.writer.abort()
+        self.splitter.set_limit(self.limits.max_command_line)

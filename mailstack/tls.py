@@ -1,0 +1,82 @@
+"""TLS for every listener: the server context, and a self-signed first certificate.
+
+The certificate file may hold a full chain (certbot's ``fullchain.pem``): the
+first certificate is the server's, the rest are sent as the chain. TLS 1.2 is
+the minimum (RFC 8996) and TLS 1.2 suites are limited to forward-secret AEAD
+ones (RFC 9325); TLS 1.3 suites are OpenSSL's defaults.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from twisted.internet import ssl
+
+from mailstack.config import TLSConfig
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\s*", re.S)
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+class TLSSetupError(Exception):
+    """The certificate or key cannot be used; the text says which and why."""
+
+
+def server_context(tls: TLSConfig) -> ssl.CertificateOptions | None:
+    """The context for TLS listeners and STARTTLS, or None when TLS is not configured."""
+    if tls.certificate is None or tls.private_key is None:
+        return None
+    try:
+        chain = _PEM_CERT.findall(tls.certificate.read_bytes())
+        key = tls.private_key.read_bytes()
+    except OSError as e:
+        raise TLSSetupError(f"{e.filename}: {e.strerror}") from None
+    if not chain:
+        raise TLSSetupError(f"{tls.certificate}: no PEM certificate found")
+    try:
+        server = ssl.PrivateCertificate.loadPEM(chain[0] + key)
+        extra = [ssl.Certificate.loadPEM(c).original for c in chain[1:]]
+    except Exception as e:  # pyOpenSSL raises its own error types
+        raise TLSSetupError(f"{tls.certificate} / {tls.private_key}: {e}") from None
+    return ssl.CertificateOptions(
+        privateKey=server.privateKey.original,
+        certificate=server.original,
+        extraCertChain=extra,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
+    )
+
+
+def make_self_signed(hostname: str, certificate: Path, private_key: Path,
+                     days: int = 825) -> None:
+    """Write a self-signed RSA-2048 certificate for ``hostname`` (first runs, tests)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    for path in (certificate, private_key):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(private_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    Path(certificate).write_bytes(cert.public_bytes(serialization.Encoding.PEM))

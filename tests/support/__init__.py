@@ -1,0 +1,1 @@
+"""Fixtures for the trial tests: real instances on loopback, real clients."""
