@@ -17,10 +17,14 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailstack.addresses import BadAddress, canonical_domain
+
 #: Listener kinds and what each one speaks. ``implicit_tls`` listeners start
 #: TLS before the first byte (RFC 8314); the others offer STARTTLS/STLS.
 PROTOCOLS = {
     "smtp": ("smtp", "mx", False),
+    "pop3": ("pop3", None, False),
+    "pop3s": ("pop3", None, True),
 }
 
 
@@ -84,9 +88,10 @@ class Listener:
 
 @dataclass(frozen=True)
 class SMTPConfig:
-    #: Largest message accepted, in octets (advertised with SIZE, RFC 1870).
+    #: Largest message accepted, in octets (advertised with SIZE, RFC 1870);
+    #: RFC 5321 4.5.3.1.7: at least 64K octets.
     max_message_size: int = 26_214_400
-    #: RFC 5321 4.5.3.1.8 requires at least 100.
+    #: RFC 5321 4.5.3.1.8: at least 100 recipients must be accepted.
     max_recipients: int = 100
     #: RFC 5321 4.5.3.1.4: 512 octets including CRLF.
     max_command_line: int = 512
@@ -102,6 +107,24 @@ class SMTPConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    #: Allow passwords without TLS from 127.0.0.0/8 and ::1 (development only).
+    allow_plaintext_loopback: bool = False
+    #: Seconds before a failed login is answered (slows down guessing).
+    failure_delay: float = 2.0
+    #: Failed logins from one client address within failure_window before
+    #: further attempts are refused for the rest of the window.
+    max_failures_per_ip: int = 10
+    failure_window: float = 300.0
+
+
+@dataclass(frozen=True)
+class POP3Config:
+    #: Seconds without a command before the connection is closed (RFC 1939: at least 600).
+    idle_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
 class QueueConfig:
     #: Seconds before a failed local delivery (disk full, ...) is tried again.
     retry_delay: float = 60.0
@@ -112,13 +135,16 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    pop3: POP3Config = field(default_factory=POP3Config)
     queue: QueueConfig = field(default_factory=QueueConfig)
     listen: tuple[Listener, ...] = ()
     #: The file this was loaded from (None for built-in defaults).
     source: Path | None = None
 
 
-_SECTIONS = {"server": ServerConfig, "tls": TLSConfig, "smtp": SMTPConfig, "queue": QueueConfig}
+_SECTIONS = {"server": ServerConfig, "tls": TLSConfig, "smtp": SMTPConfig, "auth": AuthConfig,
+             "pop3": POP3Config, "queue": QueueConfig}
 
 
 def load(path: Path | str) -> Config:
@@ -131,6 +157,9 @@ def load(path: Path | str) -> Config:
         raise ConfigError(path, [f"cannot read the file: {e.strerror}"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, [f"not valid TOML: {e}"]) from None
+    except UnicodeDecodeError as e:
+        # TOML files are UTF-8 (TOML 1.0 "Spec"); tomllib lets the decode error through.
+        raise ConfigError(path, [f"not valid TOML: not UTF-8 at byte {e.start}"]) from None
     return from_dict(raw, path)
 
 
@@ -140,13 +169,17 @@ def from_dict(raw: dict, path: Path | str) -> Config:
     base = path.resolve().parent
     problems: list[str] = []
     sections: dict[str, object] = {}
+    for key, cls in _SECTIONS.items():
+        # Absent sections are built too, so that default paths get resolved.
+        value = raw.get(key, {})
+        if not isinstance(value, dict):
+            problems.append(f"[{key}]: must be a table")
+            value = {}
+        sections[key] = _build(cls, value, key, base, problems)
     for key, value in raw.items():
         if key in _SECTIONS:
-            if not isinstance(value, dict):
-                problems.append(f"[{key}]: must be a table")
-                continue
-            sections[key] = _build(_SECTIONS[key], value, key, base, problems)
-        elif key == "listen":
+            continue
+        if key == "listen":
             if not isinstance(value, list):
                 problems.append("listen: must be an array of tables ([[listen]])")
                 continue
@@ -181,6 +214,11 @@ def _build(cls, table: dict, where: str, base: Path, problems: list[str]):
             )
             continue
         values[key] = converted
+    for f in dataclasses.fields(cls):
+        # A default path is relative to the config file like a written one, so
+        # the daemon and the CLI agree whatever their working directory.
+        if f.name not in values and isinstance(f.default, Path):
+            values[f.name] = base / f.default
     return cls(**values)
 
 
@@ -229,20 +267,39 @@ def _check(config: Config) -> list[str]:
     if not s.hostname or any(c in s.hostname for c in " \t\r\n/"):
         problems.append(f"server.hostname: {s.hostname!r} is not a host name")
     for d in s.domains:
-        if not d or d != d.lower().rstrip(".") or any(c in d for c in " \t\r\n/@"):
-            problems.append(f"server.domains: {d!r} must be a lower-case domain without a trailing dot")
+        # Recipients are compared in canonical form (RELAY-10/11), so the
+        # configured names must be written in it too.
+        try:
+            wanted = canonical_domain(d)
+        except BadAddress:
+            problems.append(f"server.domains: {d!r} is not a domain name")
+            continue
+        if wanted != d:
+            problems.append(f"server.domains: write {d!r} as {wanted!r} "
+                            "(lower case, A-labels, no trailing dot)")
     if s.threads < 1:
         problems.append("server.threads: must be at least 1")
     if (config.tls.certificate is None) != (config.tls.private_key is None):
         problems.append("tls: certificate and private_key must be given together")
-    for key in ("max_message_size", "max_recipients", "max_errors", "max_connections",
-                "max_connections_per_ip"):
+    for key in ("max_errors", "max_connections", "max_connections_per_ip"):
         if getattr(config.smtp, key) < 1:
             problems.append(f"smtp.{key}: must be at least 1")
+    if config.smtp.max_message_size < 65536:
+        problems.append("smtp.max_message_size: RFC 5321 requires at least 65536")
+    if config.smtp.max_recipients < 100:
+        problems.append("smtp.max_recipients: RFC 5321 requires at least 100")
     if config.smtp.max_command_line < 512:
         problems.append("smtp.max_command_line: RFC 5321 requires at least 512")
     if config.smtp.max_text_line < 1000:
         problems.append("smtp.max_text_line: RFC 5321 requires at least 1000")
+    if config.auth.failure_delay < 0:
+        problems.append("auth.failure_delay: must not be negative")
+    if config.auth.failure_window <= 0:
+        problems.append("auth.failure_window: must be positive")
+    if config.auth.max_failures_per_ip < 1:
+        problems.append("auth.max_failures_per_ip: must be at least 1")
+    if config.pop3.idle_timeout <= 0:
+        problems.append("pop3.idle_timeout: must be positive")
     if config.queue.retry_delay <= 0:
         problems.append("queue.retry_delay: must be positive")
     if config.smtp.idle_timeout <= 0:
@@ -256,12 +313,14 @@ def _check(config: Config) -> list[str]:
         if not 0 <= lst.port <= 65535:
             problems.append(f"listen[{i}].port: {lst.port} is not a port number")
         try:
-            ipaddress.ip_address(lst.address)
+            # Compared as addresses, so "::1" and "0::1" are the same socket.
+            ip = ipaddress.ip_address(lst.address)
         except ValueError:
             problems.append(f"listen[{i}].address: {lst.address!r} is not an IP address")
-        if (lst.address, lst.port) in seen and lst.port:
+            ip = lst.address
+        if (ip, lst.port) in seen and lst.port:
             problems.append(f"listen[{i}]: {lst.address}:{lst.port} is used twice")
-        seen.add((lst.address, lst.port))
+        seen.add((ip, lst.port))
         needs_tls = lst.implicit_tls or lst.role == "submission"
         if needs_tls and config.tls.certificate is None:
             problems.append(f"listen[{i}]: {lst.protocol} needs [tls] certificate and private_key")

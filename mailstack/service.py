@@ -11,13 +11,22 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mailstack import tls
+from twisted.cred.portal import Portal
+from twisted.mail.interfaces import IMailboxPOP3
+
 from mailstack.auth.aliases import Aliases
+from mailstack.auth.checker import PasswordChecker
+from mailstack.auth.limiter import FailureLimiter
+from mailstack.auth.realm import MailRealm
 from mailstack.auth.directory import Directory
 from mailstack.auth.users import Users
 from mailstack.config import Config, Listener
 from mailstack.queue.local import LocalDelivery
+from mailstack.pop3.mailbox import Maildrop
+from mailstack.pop3.server import POP3Factory
 from mailstack.queue.spool import Envelope, Spool
 from mailstack.smtp.server import SMTPFactory
+from mailstack.store.folder import user_inbox
 from mailstack.store.maildir import MailRoot
 
 log = Logger(namespace="mailstack")
@@ -75,6 +84,13 @@ class MailstackService(MultiService):
         self.tls_context = tls.server_context(config.tls)
         self.local = LocalDelivery(self.spool, self.mail_root, server.hostname,
                                    self.run_blocking, reactor, config.queue.retry_delay)
+        realm = MailRealm({IMailboxPOP3: self._open_maildrop})
+        self.portal = Portal(realm, [PasswordChecker(self.users, self.run_blocking)])
+        auth = config.auth
+        #: Failed logins per client address, shared by every protocol.
+        self.auth_limiter = FailureLimiter(auth.max_failures_per_ip, auth.failure_window, reactor)
+        #: POP3 sizes (CRLF, dot-stuffed) by message, so a login reads each file once.
+        self._pop3_sizes: dict[str, int] = {}
         self.listeners: list[ListenerService] = []
         for spec in config.listen:
             listener = ListenerService(spec, self._endpoint(spec), self._factory(spec))
@@ -94,8 +110,19 @@ class MailstackService(MultiService):
         return endpoints.TCP4ServerEndpoint(self.reactor, spec.port, interface=spec.address)
 
     def _factory(self, spec: Listener):
+        if spec.speaks == "pop3":
+            return POP3Factory(self.config, self.portal, self.auth_limiter, self.reactor,
+                               self.tls_context, spec.implicit_tls)
         return SMTPFactory(self.config, spec.role, self.directory, self.spool, self.queued,
                            self.run_blocking, self.tls_context, spec.implicit_tls)
+
+    def _open_maildrop(self, address: str) -> Deferred:
+        """The POP3 avatar: the locked INBOX snapshot, built off the reactor."""
+        if len(self._pop3_sizes) > 200_000:
+            self._pop3_sizes.clear()
+        folder = user_inbox(self.mail_root.maildir(address))
+        d = self.run_blocking(Maildrop.open, address, folder, self._pop3_sizes)
+        return d.addCallback(lambda maildrop: (maildrop, maildrop.logout))
 
     def queued(self, envelope: Envelope) -> None:
         """A message was committed to the spool: start its local deliveries."""
