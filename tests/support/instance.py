@@ -50,8 +50,12 @@ def _toml_value(value) -> str:
 def write_instance(root: Path, users=("demo@example.test", "alice@example.test"),
                    aliases: dict | None = None, smtp: dict | None = None,
                    server: dict | None = None, listen=(("smtp", 0),), tls: bool = True,
-                   mail_root: Path | None = None) -> Path:
-    """Lay out an instance under ``root`` and return its config file."""
+                   mail_root: Path | None = None, sections: dict | None = None) -> Path:
+    """Lay out an instance under ``root`` and return its config file.
+
+    ``smtp`` and ``sections`` (``{"auth": {...}, "pop3": {...}}``) add keys
+    to those config sections; ``listen`` is a list of (protocol, port).
+    """
     root.mkdir(parents=True, exist_ok=True)
     settings = {"hostname": HOSTNAME, "domains": [DOMAIN], "mail_root": str(mail_root or root / "maildirs"),
                 "spool_dir": "spool", "users_file": "users", "aliases_file": "aliases",
@@ -67,8 +71,9 @@ def write_instance(root: Path, users=("demo@example.test", "alice@example.test")
             key.write_bytes(_CERTS["pair"][1])
             key.chmod(0o600)
         lines += ["[tls]", 'certificate = "cert.pem"', 'private_key = "key.pem"']
-    if smtp:
-        lines += ["[smtp]"] + [f"{k} = {_toml_value(v)}" for k, v in smtp.items()]
+    for name, values in {"smtp": smtp or {}, **(sections or {})}.items():
+        if values:
+            lines += [f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
     for protocol, port in listen:
         lines += ["[[listen]]", f'protocol = "{protocol}"', 'address = "127.0.0.1"', f"port = {port}"]
     path = root / "mailstack.toml"
@@ -103,6 +108,9 @@ class Instance:
     @property
     def smtp_port(self) -> int:
         return self.service.port_of("smtp")
+
+    def port(self, protocol: str) -> int:
+        return self.service.port_of(protocol)
 
     def maildir(self, address: str, sub: str = "new") -> Path:
         local, _, domain = address.partition("@")
