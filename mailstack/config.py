@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import tomllib
 import types
 import typing
@@ -125,9 +126,46 @@ class POP3Config:
 
 
 @dataclass(frozen=True)
+class DNSConfig:
+    #: Nameserver IP addresses; empty: those of /etc/resolv.conf.
+    nameservers: tuple[str, ...] = ()
+    port: int = 53
+    #: Seconds a lookup may take before it counts as a temporary failure.
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    #: The SMTP port of other servers (25; tests and odd set-ups change it).
+    port: int = 25
+    #: Deliver to MX hosts with loopback or private addresses (tests, LANs).
+    allow_private: bool = False
+    #: Send everything through this smarthost ("host:port", STARTTLS required).
+    relay: str = ""
+    relay_username: str = ""
+    relay_password: str = ""
+    #: Check the relay's certificate against its name (turn off only for tests).
+    relay_verify_certificate: bool = True
+    connect_timeout: float = 30.0
+    #: RFC 5321 4.5.3.2: 5 minutes for a reply, 10 for the reply to the final dot.
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    #: Simultaneous outbound connections.
+    max_connections: int = 20
+
+
+@dataclass(frozen=True)
 class QueueConfig:
     #: Seconds before a failed local delivery (disk full, ...) is tried again.
     retry_delay: float = 60.0
+    #: Seconds before the first retry of a remote delivery; it doubles per
+    #: attempt up to max_retry_interval.
+    first_retry: float = 300.0
+    max_retry_interval: float = 14_400.0
+    #: A message not delivered after this many seconds is bounced (5 days).
+    max_lifetime: float = 432_000.0
+    #: Warn the sender once after this many seconds of delay (0: never).
+    delay_warning: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +175,8 @@ class Config:
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     pop3: POP3Config = field(default_factory=POP3Config)
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    outbound: OutboundConfig = field(default_factory=OutboundConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     listen: tuple[Listener, ...] = ()
     #: The file this was loaded from (None for built-in defaults).
@@ -144,7 +184,8 @@ class Config:
 
 
 _SECTIONS = {"server": ServerConfig, "tls": TLSConfig, "smtp": SMTPConfig, "auth": AuthConfig,
-             "pop3": POP3Config, "queue": QueueConfig}
+             "pop3": POP3Config, "dns": DNSConfig, "outbound": OutboundConfig,
+             "queue": QueueConfig}
 
 
 def load(path: Path | str) -> Config:
@@ -300,6 +341,22 @@ def _check(config: Config) -> list[str]:
         problems.append("auth.max_failures_per_ip: must be at least 1")
     if config.pop3.idle_timeout <= 0:
         problems.append("pop3.idle_timeout: must be positive")
+    for ns in config.dns.nameservers:
+        try:
+            ipaddress.ip_address(ns)
+        except ValueError:
+            problems.append(f"dns.nameservers: {ns!r} is not an IP address")
+    for key, port in (("dns.port", config.dns.port), ("outbound.port", config.outbound.port)):
+        if not 0 < port <= 65535:
+            problems.append(f"{key}: {port} is not a port number")
+    if config.dns.timeout <= 0:
+        problems.append("dns.timeout: must be positive")
+    relay = config.outbound.relay
+    if relay and not re.fullmatch(r"[A-Za-z0-9.\-]+:[0-9]{1,5}|\[[0-9a-fA-F:.]+\]:[0-9]{1,5}", relay):
+        problems.append(f"outbound.relay: {relay!r} is not host:port")
+    for key in ("first_retry", "max_retry_interval", "max_lifetime"):
+        if getattr(config.queue, key) <= 0:
+            problems.append(f"queue.{key}: must be positive")
     if config.queue.retry_delay <= 0:
         problems.append("queue.retry_delay: must be positive")
     if config.smtp.idle_timeout <= 0:

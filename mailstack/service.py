@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 from twisted.application.service import MultiService, Service
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.threads import deferToThreadPool
@@ -22,9 +24,12 @@ from mailstack.auth.directory import Directory
 from mailstack.auth.users import Users
 from mailstack.config import Config, Listener
 from mailstack.queue.local import LocalDelivery
+from mailstack.dns import Resolver
 from mailstack.pop3.mailbox import Maildrop
 from mailstack.pop3.server import POP3Factory
-from mailstack.queue.spool import Envelope, Spool
+from mailstack.queue.bounce import build_dsn
+from mailstack.queue.runner import OutboundRunner
+from mailstack.queue.spool import Envelope, Recipient, Spool, new_queue_id
 from mailstack.smtp.server import SMTPFactory
 from mailstack.store.folder import user_inbox
 from mailstack.store.maildir import MailRoot
@@ -82,6 +87,10 @@ class MailstackService(MultiService):
         self.spool = Spool(server.spool_dir)
         self.spool.open()
         self.tls_context = tls.server_context(config.tls)
+        self.resolver = Resolver(config.dns, self.run_blocking)
+        self.outbound = OutboundRunner(config, self.spool, self.resolver, reactor,
+                                       self.run_blocking, tls.client_context(config.outbound),
+                                       self.notify_sender)
         self.local = LocalDelivery(self.spool, self.mail_root, server.hostname,
                                    self.run_blocking, reactor, config.queue.retry_delay)
         realm = MailRealm({IMailboxPOP3: self._open_maildrop})
@@ -125,9 +134,57 @@ class MailstackService(MultiService):
         return d.addCallback(lambda maildrop: (maildrop, maildrop.logout))
 
     def queued(self, envelope: Envelope) -> None:
-        """A message was committed to the spool: start its local deliveries."""
+        """A message was committed to the spool: deliver locally, then remotely."""
+        remote = any(not r.local for r in envelope.recipients)
         if any(r.local for r in envelope.recipients):
-            self.local.deliver(envelope)
+            d = self.local.deliver(envelope)
+            if remote:
+                d.addCallback(lambda _: self.outbound.schedule(envelope.id))
+        elif remote:
+            self.outbound.schedule(envelope.id)
+
+    def inject(self, sender: str, recipients: list[str], message: bytes) -> Deferred:
+        """Queue a message made here (a bounce): same spool, same deliveries."""
+        destinations = []
+        for address in recipients:
+            domain = address.rpartition("@")[2]
+            if self.directory.is_local_domain(domain):
+                for dest in self.directory.resolve(address) or []:
+                    destinations.append(Recipient(dest.address, address, dest.local))
+            else:
+                destinations.append(Recipient(address, address, False))
+        if not destinations:
+            log.warn("dropping a notification to <{rcpts}>: no such local recipient",
+                     rcpts=",".join(recipients))
+            return defer.succeed(None)
+        queue_id = new_queue_id()
+        writer = self.spool.writer(queue_id)
+        writer.write_line(f"Return-Path: <{sender}>".encode())
+        offset = writer.size
+        for line in message.rstrip(b"\n").split(b"\n"):
+            writer.write_line(line)
+        envelope = Envelope(id=queue_id, sender=sender, recipients=destinations,
+                            arrival=time.time(), client="local", body_offset=offset)
+        d = self.run_blocking(writer.commit, envelope)
+        d.addErrback(lambda f: (writer.abort(), f)[1])
+
+        def committed(_):
+            log.info("{id}: from=<{sender}>, to=<{rcpts}>, size={size}, origin=local, "
+                     "result=queued", id=queue_id, sender=sender,
+                     rcpts=">,<".join(r.address for r in destinations), size=envelope.size)
+            self.queued(envelope)
+            return envelope
+
+        return d.addCallback(committed)
+
+    def notify_sender(self, envelope: Envelope, recipients: list[Recipient], action: str,
+                      headers: bytes) -> None:
+        """Send the envelope sender a DSN about ``recipients`` (failed or delayed)."""
+        if not envelope.sender:
+            return  # never a bounce for a bounce (RFC 5321 6.1)
+        dsn = build_dsn(self.config.server.hostname, envelope, recipients, headers, action)
+        d = self.inject("", [envelope.sender], dsn)
+        d.addErrback(lambda f: log.failure("{id}: cannot queue the DSN", f, id=envelope.id))
 
     def port_of(self, protocol: str) -> int:
         """The bound port of the first listener for ``protocol`` (tests use port 0)."""
@@ -142,13 +199,17 @@ class MailstackService(MultiService):
         removed = self.mail_root.clean_tmp()
         if removed:
             log.info("removed {n} stale file(s) from Maildir tmp/ directories", n=removed)
-        pending = self.local.recover()
+        envelopes = self.spool.recover()
+        pending = self.local.resume(envelopes)
         if pending:
             log.info("resuming {n} interrupted local deliveries", n=len(pending))
+        self.outbound.start(envelopes)
         super().startService()
 
     def stopService(self) -> Deferred:
         d = super().stopService()
+
+        d.addBoth(lambda result: self.outbound.stop().addCallback(lambda _: result))
 
         def stopped(result):
             self.local.stop()

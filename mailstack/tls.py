@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
 
-from mailstack.config import TLSConfig
+from mailstack.config import OutboundConfig, TLSConfig
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\s*", re.S)
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -52,6 +52,21 @@ def server_context(tls: TLSConfig) -> ssl.CertificateOptions | None:
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
     )
+
+
+def client_context(outbound: OutboundConfig):
+    """TLS for outbound SMTP.
+
+    To MX hosts TLS is opportunistic and unauthenticated, as RFC 7435 and
+    Postfix's ``may`` level do: an unverified certificate still beats
+    plaintext, and refusing it would bounce mail. To a smarthost, which gets
+    our password, the certificate must match its name unless the config says
+    otherwise.
+    """
+    if outbound.relay and outbound.relay_verify_certificate:
+        host = outbound.relay.rpartition(":")[0].strip("[]")
+        return ssl.optionsForClientTLS(host)
+    return ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
 
 
 def make_self_signed(hostname: str, certificate: Path, private_key: Path,

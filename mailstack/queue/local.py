@@ -45,7 +45,11 @@ class LocalDelivery:
 
     def recover(self) -> list[Deferred]:
         """Replay the spool after a start: resume every interrupted delivery."""
-        return [self.deliver(env, replay=True) for env in self.spool.recover()
+        return self.resume(self.spool.recover())
+
+    def resume(self, envelopes: list[Envelope]) -> list[Deferred]:
+        """Resume the local deliveries of envelopes found in the spool at start-up."""
+        return [self.deliver(env, replay=True) for env in envelopes
                 if any(r.local for _, r in env.pending())]
 
     def stop(self) -> None:

@@ -52,6 +52,12 @@ class Recipient:
     local: bool
     #: queued, sent or bounced.
     status: str = "queued"
+    #: Remote delivery: attempts so far, when to try next (epoch seconds),
+    #: the last reply or error, and the host that gave it.
+    attempts: int = 0
+    next_attempt: float = 0.0
+    reply: str = ""
+    relay: str = ""
 
 
 @dataclass
