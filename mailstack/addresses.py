@@ -25,15 +25,14 @@ class BadAddress(ValueError):
 
 def canonical_domain(domain: str) -> str:
     """Lower-case A-label form without a trailing dot, or BadAddress."""
-    domain = domain.rstrip(".")
+    # One trailing dot is the root (an absolute name); "example.test.." is not a name.
+    name = domain[:-1] if domain.endswith(".") else domain
     try:
-        ascii_domain = domain.encode("idna").decode("ascii").lower()
+        ascii_domain = name.encode("idna").decode("ascii").lower()
     except UnicodeError:
         raise BadAddress(f"{domain!r} is not a valid domain") from None
     labels = ascii_domain.split(".")
-    if len(ascii_domain) > MAX_DOMAIN or len(labels) < 1 or not all(
-        _LABEL_OK.match(label) for label in labels
-    ):
+    if len(ascii_domain) > MAX_DOMAIN or not all(_LABEL_OK.match(label) for label in labels):
         raise BadAddress(f"{domain!r} is not a valid domain")
     return ascii_domain
 
@@ -43,6 +42,8 @@ def canonical(address: str) -> str:
 
     Only dot-atom local parts are accepted (no quoting), and none that start
     or end with a dot or hold ``..``: these names become directory names.
+    Nor one that starts with ``#``: it would read as a comment in the users
+    and aliases files.
     """
     local, at, domain = address.strip().rpartition("@")
     if not at or not local:
@@ -50,7 +51,7 @@ def canonical(address: str) -> str:
     if (
         len(local) > MAX_LOCAL
         or not _LOCAL_OK.match(local)
-        or local.startswith(".")
+        or local.startswith((".", "#"))
         or local.endswith(".")
         or ".." in local
         or "/" in local

@@ -17,7 +17,7 @@ import os
 import secrets
 import sys
 
-from mailstack.addresses import BadAddress, canonical
+from mailstack.addresses import BadAddress, canonical, canonical_domain
 from mailstack.auth.aliases import Aliases
 from mailstack.auth.users import Users
 from mailstack.config import Config, ConfigError, load
@@ -42,16 +42,24 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(config, args) or 0
     except (ConfigError, CommandError, BadAddress, KeyError, ValueError) as e:
         message = e.args[0] if isinstance(e, KeyError) else str(e)
-        print(f"mailstack: {message}", file=sys.stderr)
-        return 1
+    except OSError as e:
+        # A permission or disk problem with the files the command edits.
+        message = f"{e.filename}: {e.strerror}" if e.filename else str(e)
+    print(f"mailstack: {message}", file=sys.stderr)
+    return 1
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", default=os.environ.get("MAILSTACK_CONFIG", DEFAULT_CONFIG),
+    default = os.environ.get("MAILSTACK_CONFIG", DEFAULT_CONFIG)
+    parser = argparse.ArgumentParser(prog="mailstack", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", "-c", default=default,
                         help="configuration file (default: %(default)s)")
-    parser = argparse.ArgumentParser(prog="mailstack", description=__doc__.split("\n")[0],
-                                     parents=[common])
+    # Accepted after the command too. Without SUPPRESS the sub-parser's default
+    # would overwrite a --config given before the command (argparse copies
+    # every sub-parser default into the namespace).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", default=argparse.SUPPRESS,
+                        help=f"configuration file (default: {default})")
     sub = parser.add_subparsers(metavar="COMMAND")
 
     p = sub.add_parser("init", parents=[common], help="prepare a new instance")
@@ -98,7 +106,11 @@ def _read_password(args) -> str:
 
 
 def _check_domain(config: Config, address: str) -> str:
-    address = canonical(address)
+    """``address`` (or ``@domain``) in canonical form, if its domain is local."""
+    if address.startswith("@"):
+        address = "@" + canonical_domain(address[1:])
+    else:
+        address = canonical(address)
     if address.rpartition("@")[2] not in config.server.domains:
         raise CommandError(f"{address}: the domain is not in server.domains of {config.source}")
     return address
@@ -156,12 +168,10 @@ def cmd_user_list(config: Config, args) -> None:
 
 
 def cmd_alias_add(config: Config, args) -> None:
-    source = args.source
-    domain = source[1:] if source.startswith("@") else source.rpartition("@")[2]
-    if domain.lower() not in config.server.domains:
-        raise CommandError(f"{source}: the domain is not in server.domains of {config.source}")
-    Aliases(config.server.aliases_file).add(source, args.targets)
-    print(f"{source} -> {', '.join(args.targets)}")
+    source = _check_domain(config, args.source)
+    targets = [canonical(t) for t in args.targets]
+    Aliases(config.server.aliases_file).add(source, targets)
+    print(f"{source} -> {', '.join(targets)}")
 
 
 def cmd_alias_del(config: Config, args) -> None:

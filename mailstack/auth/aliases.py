@@ -14,6 +14,7 @@ alias), up to ``MAX_DEPTH`` levels, with loops cut.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -22,11 +23,15 @@ from mailstack.auth.files import ReloadingFile, locked, write_atomically
 
 MAX_DEPTH = 8
 
+# A comment starts at a "#" that begins the line or follows white space: "#"
+# is a valid character inside a local part (RFC 5322 atext), "a#b@x".
+_COMMENT = re.compile(r"(?:^|\s)#.*")
+
 
 def parse_aliases(lines: list[str], path: Path) -> dict[str, tuple[str, ...]]:
     aliases: dict[str, tuple[str, ...]] = {}
     for number, line in enumerate(lines, 1):
-        line = line.split("#", 1)[0].strip()
+        line = _COMMENT.sub("", line, count=1).strip()
         if not line:
             continue
         source, sep, rest = line.partition(":")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailstack.addresses import BadAddress, canonical
+from mailstack.addresses import BadAddress, canonical, canonical_domain
 from mailstack.auth.aliases import Aliases
 from mailstack.auth.users import Users
 
@@ -24,17 +24,27 @@ class Directory:
         self.aliases = aliases
 
     def is_local_domain(self, domain: str) -> bool:
-        """Exact match after normalisation, never a suffix match (RELAY-10)."""
-        return domain.lower().rstrip(".") in self.domains
+        """Exact match after normalisation, never a suffix match (RELAY-10).
+
+        Both sides are in canonical form: lower case, A-labels (RELAY-11),
+        no trailing dot. An address literal is never a local domain.
+        """
+        try:
+            return canonical_domain(domain) in self.domains
+        except BadAddress:
+            return False
 
     def resolve(self, address: str) -> list[Destination] | None:
         """Final destinations of mail to ``address`` in a local domain, or None.
 
-        None means nobody here receives it (550 5.1.1 for SMTP).
+        None means nobody here receives it (550 5.1.1 for SMTP), and is also
+        the answer for a foreign domain: resolving is not permission to relay.
         """
         try:
             key = canonical(address)
         except BadAddress:
+            return None
+        if not self.is_local_domain(key.rpartition("@")[2]):
             return None
         final = self.aliases.resolve(key, self.users.exists, self.is_local_domain)
         if final is None:

@@ -25,13 +25,15 @@ class ReloadingFile(Generic[T]):
     """Holds ``parse(lines)`` of a file, refreshed when the file changes.
 
     A missing file parses as empty. A parse error keeps the previous good
-    version in service (and raises on first load, so start-up fails fast).
+    version in service (and raises on first load, so start-up fails fast);
+    the broken version is not parsed again until it changes once more.
     """
 
     def __init__(self, path: Path, parse: Callable[[list[str], Path], T]):
         self.path = Path(path)
         self._parse = parse
         self._stamp: tuple | None = None
+        self._bad_stamp: tuple | None = None
         self._value: T = parse([], self.path)
         self.last_error: Exception | None = None
         self.get(strict=True)
@@ -41,8 +43,8 @@ class ReloadingFile(Generic[T]):
             st = os.stat(self.path)
             stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
-            stamp = None
-        if stamp != self._stamp:
+            stamp = ()
+        if stamp != self._stamp and (strict or stamp != self._bad_stamp):
             try:
                 lines = self.path.read_text("utf-8").splitlines() if stamp else []
                 self._value = self._parse(lines, self.path)
@@ -50,6 +52,7 @@ class ReloadingFile(Generic[T]):
                 self.last_error = None
             except (ValueError, OSError) as e:
                 self.last_error = e
+                self._bad_stamp = stamp
                 if strict:
                     raise
         return self._value

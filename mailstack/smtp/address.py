@@ -11,6 +11,7 @@ angle brackets and a space after the colon are accepted (as Postfix does).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ _DOT_STRING = re.compile(rb"%s(?:\.%s)*\Z" % (_ATOM, _ATOM))
 _QUOTED = re.compile(rb'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*)"\Z')
 _ROUTE = re.compile(rb"@[^,:@]+(?:,@[^,:@]+)*:")
 _LITERAL = re.compile(rb"\[[\x21-\x5a\x5e-\x7e]+\]\Z")
+_LDH = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\Z")
 _PARAM = re.compile(rb"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
 
 
@@ -34,7 +36,8 @@ class AddressSyntax(ValueError):
 class Mailbox:
     #: Local part as meant (quotes removed for a quoted string).
     local: str
-    #: Lower-case A-label domain, or an address literal such as ``[192.0.2.1]``.
+    #: Lower-case A-label domain, or an address literal in its one spelling:
+    #: ``[192.0.2.1]``, ``[IPv6:2001:db8::1]``, ``[tag:content]``.
     domain: str
     #: The local part was a quoted string that is not a plain dot-atom.
     quoted: bool = False
@@ -135,9 +138,7 @@ def _parse_domain(raw: bytes) -> str:
     if len(raw) > MAX_DOMAIN:
         raise AddressSyntax("domain longer than 255 octets")
     if raw.startswith(b"["):
-        if not _LITERAL.match(raw):
-            raise AddressSyntax("bad address literal")
-        return raw.decode("ascii").lower()
+        return _parse_literal(raw)
     if any(b > 0x7F for b in raw):
         # Not advertising SMTPUTF8, so U-labels are not allowed (RFC 6531 3.4).
         raise AddressSyntax("non-ASCII domain without SMTPUTF8")
@@ -145,6 +146,28 @@ def _parse_domain(raw: bytes) -> str:
         return canonical_domain(raw.decode("ascii"))
     except BadAddress:
         raise AddressSyntax("bad domain") from None
+
+
+def _parse_literal(raw: bytes) -> str:
+    """An address literal (RFC 5321 4.1.3) in one spelling per address.
+
+    IPv4 as four decimal numbers, ``IPv6:`` with a valid IPv6 address (no
+    zone), or a general literal ``tag:content`` whose tag is an Ldh-str.
+    """
+    if not _LITERAL.match(raw):
+        raise AddressSyntax("bad address literal")
+    inner = raw[1:-1].decode("ascii")
+    tag, colon, value = inner.partition(":")
+    try:
+        if not colon:
+            return f"[{ipaddress.IPv4Address(inner)}]"
+        if tag.lower() == "ipv6" and "%" not in value:
+            return f"[IPv6:{ipaddress.IPv6Address(value).compressed}]"
+    except ValueError:
+        raise AddressSyntax("bad address literal") from None
+    if tag.lower() == "ipv6" or not _LDH.match(tag):
+        raise AddressSyntax("bad address literal")
+    return f"[{tag.lower()}:{value}]"
 
 
 def _parse_params(rest: bytes) -> dict[str, str]:

@@ -11,9 +11,11 @@ Both are small state machines over bytes, tested without sockets
   up to the next LF: memory stays bounded whatever the client sends (LIM-2),
   and during DATA an over-long line never switches back to command mode
   (SMUG-11, LIM-4); the error is answered after the final dot.
-* DATA ends only at a line that is exactly ``.`` CRLF; leading dots are
-  unstuffed (RFC 5321 4.5.2); after an error the reader keeps consuming up to
-  that final dot so the dialogue stays in step (SMUG-8).
+* DATA ends only at a line that is exactly ``.`` CRLF and follows a CRLF:
+  the end of data is ``<CRLF>.<CRLF>`` (RFC 5321 4.1.1.4), so ``\\n.\\r\\n``
+  is not one (SMUG-2). Leading dots are unstuffed (RFC 5321 4.5.2); after an
+  error the reader keeps consuming up to that final dot so the dialogue stays
+  in step (SMUG-8).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ class Line:
     crlf: bool = True
     #: Longer than the limit; ``text`` holds only the start.
     overlong: bool = False
+    #: The line before this one ended with CRLF (True for the first line), even
+    #: if it was over-long or held a bare CR: only then can "." end DATA.
+    after_crlf: bool = True
 
 
 class LineSplitter:
@@ -43,6 +48,9 @@ class LineSplitter:
         self._buffer = b""
         self._pos = 0
         self._discarding = False
+        self._after_crlf = True
+        # The last byte dropped of a line being discarded was a CR.
+        self._dropped_cr = False
 
     def set_limit(self, limit: int) -> None:
         self.limit = limit
@@ -52,6 +60,8 @@ class LineSplitter:
         self._buffer = b""
         self._pos = 0
         self._discarding = False
+        self._after_crlf = True
+        self._dropped_cr = False
 
     def pending(self) -> bool:
         return self._pos < len(self._buffer)
@@ -70,25 +80,29 @@ class LineSplitter:
                 if len(self._buffer) - self._pos >= self.limit:
                     # Keep nothing of a line that is already too long.
                     head = self._buffer[self._pos:self._pos + self.limit]
+                    self._dropped_cr = self._buffer.endswith(b"\r")
                     self._buffer = b""
                     self._pos = 0
                     if self._discarding:
                         return None
                     self._discarding = True
-                    return Line(head, crlf=False, overlong=True)
+                    return Line(head, crlf=False, overlong=True, after_crlf=self._after_crlf)
                 return None
             raw = self._buffer[self._pos:end]
             self._pos = end + 1
+            after_crlf = self._after_crlf
+            self._after_crlf = raw.endswith(b"\r") or (
+                not raw and self._discarding and self._dropped_cr)
             if self._discarding:
                 # The end of an over-long line already reported.
                 self._discarding = False
                 continue
             if len(raw) + 1 > self.limit:
-                return Line(raw[: self.limit], crlf=False, overlong=True)
+                return Line(raw[: self.limit], crlf=False, overlong=True, after_crlf=after_crlf)
             if raw.endswith(b"\r"):
                 raw = raw[:-1]
-                return Line(raw, crlf=b"\r" not in raw)
-            return Line(raw, crlf=False)
+                return Line(raw, crlf=b"\r" not in raw, after_crlf=after_crlf)
+            return Line(raw, crlf=False, after_crlf=after_crlf)
 
 
 class DataReader:
@@ -108,7 +122,7 @@ class DataReader:
 
     def feed(self, line: Line) -> bool:
         """Take one line; True when it was the final dot."""
-        if line.crlf and line.text == b"." and not line.overlong:
+        if line.crlf and line.after_crlf and line.text == b"." and not line.overlong:
             self.done = True
             return True
         if line.overlong:

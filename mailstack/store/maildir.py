@@ -23,10 +23,16 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 from pathlib import Path
 
+from mailstack.addresses import BadAddress, canonical
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# The mail root itself comes from the administrator's config and may be a
+# symlink (/var/mail -> /srv/mail); only what lies below it is suspect.
+_ROOT_FLAGS = _DIR_FLAGS & ~os.O_NOFOLLOW
 SUBDIRS = ("cur", "new", "tmp")
 
 
@@ -63,19 +69,31 @@ class MailRoot:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def clean_tmp(self) -> int:
-        """Remove stale ``tmp/`` files of every INBOX (done once at start-up)."""
+        """Remove stale ``tmp/`` files of every INBOX (done once at start-up).
+
+        A Maildir that is a planted symlink (MD-4) is skipped, not followed,
+        and does not stop the start-up of everyone else's mail.
+        """
         removed = 0
         for domain in _subdirs(self.root):
             for local in _subdirs(domain):
-                removed += Maildir(self.root, (domain.name, local.name, "Maildir")).clean_tmp()
+                try:
+                    removed += Maildir(self.root, (domain.name, local.name, "Maildir")).clean_tmp()
+                except UnsafePath:
+                    continue
         return removed
 
     def maildir(self, address: str) -> Maildir:
         """The INBOX Maildir of a canonical ``local@domain`` address."""
-        local, _, domain = address.rpartition("@")
-        # canonical() guarantees neither part holds "/", "..", or a leading dot.
-        if not local or not domain or "/" in address or local.startswith("."):
+        # canonical() guarantees neither part holds "/", "\0" or "..", nor
+        # starts with a dot: both become directory names (AUTH-14, MD-8).
+        try:
+            ok = canonical(address) == address
+        except BadAddress:
+            ok = False
+        if not ok:
             raise ValueError(f"not a canonical address: {address!r}")
+        local, _, domain = address.rpartition("@")
         return Maildir(self.root, (domain, local, "Maildir"))
 
 
@@ -89,7 +107,7 @@ class Maildir:
 
     def _open(self, create: bool) -> int:
         """A descriptor of this Maildir, walked without following symlinks."""
-        fd = os.open(self.root, _DIR_FLAGS)
+        fd = os.open(self.root, _ROOT_FLAGS)
         try:
             for name in self.components:
                 try:
@@ -138,8 +156,7 @@ class Maildir:
         name = f"{base},S={size},W={wsize}"
         top = self._open(create=True)
         try:
-            tmp = self._subdir(top, "tmp")
-            new = self._subdir(top, "new")
+            tmp, new = self._tmp_and_new(top)
             try:
                 self._place_in_tmp(source, name, tmp)
                 os.rename(name, name, src_dir_fd=tmp, dst_dir_fd=new)
@@ -150,6 +167,15 @@ class Maildir:
         finally:
             os.close(top)
         return name
+
+    def _tmp_and_new(self, top: int) -> tuple[int, int]:
+        """Both descriptors, or neither (none leaks when ``new`` is refused)."""
+        tmp = self._subdir(top, "tmp")
+        try:
+            return tmp, self._subdir(top, "new")
+        except BaseException:
+            os.close(tmp)
+            raise
 
     @staticmethod
     def _place_in_tmp(source: Path, name: str, tmp: int) -> None:
@@ -205,14 +231,22 @@ class Maildir:
             return 0
         removed = 0
         try:
-            tmp = self._subdir(top, "tmp")
+            try:
+                tmp = self._subdir(top, "tmp")
+            except FileNotFoundError:
+                return 0
             try:
                 limit = time.time() - max_age
                 for entry in os.listdir(tmp):
-                    st = os.stat(entry, dir_fd=tmp, follow_symlinks=False)
-                    if st.st_mtime < limit:
-                        os.unlink(entry, dir_fd=tmp)
-                        removed += 1
+                    try:
+                        st = os.stat(entry, dir_fd=tmp, follow_symlinks=False)
+                        # Only files that deliveries leave; a directory or a
+                        # symlink someone put there is not ours to remove.
+                        if stat.S_ISREG(st.st_mode) and st.st_mtime < limit:
+                            os.unlink(entry, dir_fd=tmp)
+                            removed += 1
+                    except FileNotFoundError:
+                        continue  # another process sharing the mail root got it first
             finally:
                 os.close(tmp)
         finally:
