@@ -26,6 +26,8 @@ PROTOCOLS = {
     "smtp": ("smtp", "mx", False),
     "pop3": ("pop3", None, False),
     "pop3s": ("pop3", None, True),
+    "imap": ("imap", None, False),
+    "imaps": ("imap", None, True),
 }
 
 
@@ -126,6 +128,28 @@ class POP3Config:
 
 
 @dataclass(frozen=True)
+class IMAPConfig:
+    #: Seconds a client may take to log in before it is disconnected.
+    login_timeout: float = 60.0
+    #: Seconds without a command after login before autologout (RFC 9051 5.4: at least 1800).
+    idle_timeout: float = 1800.0
+    #: Largest message APPEND accepts, in octets (advertised as APPENDLIMIT, RFC 7889).
+    max_message_size: int = 26_214_400
+    #: Longest command line, literals not counted, in octets.
+    max_line: int = 65_536
+    #: Largest literal in commands other than APPEND (LOGIN, SEARCH, ...), in octets.
+    max_literal: int = 65_536
+    #: Mailboxes one user may create.
+    max_mailboxes: int = 1000
+    #: Failed logins on one connection before it is closed.
+    max_auth_failures: int = 3
+    #: BAD replies in one session before it is closed.
+    max_errors: int = 50
+    #: Seconds between looks at an idling client's mailbox where inotify is missing.
+    poll_interval: float = 1.0
+
+
+@dataclass(frozen=True)
 class DNSConfig:
     #: Nameserver IP addresses; empty: those of /etc/resolv.conf.
     nameservers: tuple[str, ...] = ()
@@ -152,6 +176,8 @@ class OutboundConfig:
     data_timeout: float = 600.0
     #: Simultaneous outbound connections.
     max_connections: int = 20
+    #: Messages sent over one connection before it is closed (1: no reuse).
+    messages_per_connection: int = 50
 
 
 @dataclass(frozen=True)
@@ -175,6 +201,7 @@ class Config:
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     pop3: POP3Config = field(default_factory=POP3Config)
+    imap: IMAPConfig = field(default_factory=IMAPConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -184,7 +211,7 @@ class Config:
 
 
 _SECTIONS = {"server": ServerConfig, "tls": TLSConfig, "smtp": SMTPConfig, "auth": AuthConfig,
-             "pop3": POP3Config, "dns": DNSConfig, "outbound": OutboundConfig,
+             "pop3": POP3Config, "imap": IMAPConfig, "dns": DNSConfig, "outbound": OutboundConfig,
              "queue": QueueConfig}
 
 
@@ -341,6 +368,18 @@ def _check(config: Config) -> list[str]:
         problems.append("auth.max_failures_per_ip: must be at least 1")
     if config.pop3.idle_timeout <= 0:
         problems.append("pop3.idle_timeout: must be positive")
+    for key in ("login_timeout", "idle_timeout", "poll_interval"):
+        if getattr(config.imap, key) <= 0:
+            problems.append(f"imap.{key}: must be positive")
+    for key in ("max_mailboxes", "max_auth_failures", "max_errors"):
+        if getattr(config.imap, key) < 1:
+            problems.append(f"imap.{key}: must be at least 1")
+    if config.imap.max_line < 1000:
+        problems.append("imap.max_line: must be at least 1000")
+    if config.imap.max_literal < 4096:
+        problems.append("imap.max_literal: must be at least 4096")
+    if config.imap.max_message_size < 65536:
+        problems.append("imap.max_message_size: must be at least 65536")
     for ns in config.dns.nameservers:
         try:
             ipaddress.ip_address(ns)
@@ -354,6 +393,9 @@ def _check(config: Config) -> list[str]:
     relay = config.outbound.relay
     if relay and not re.fullmatch(r"[A-Za-z0-9.\-]+:[0-9]{1,5}|\[[0-9a-fA-F:.]+\]:[0-9]{1,5}", relay):
         problems.append(f"outbound.relay: {relay!r} is not host:port")
+    for key in ("max_connections", "messages_per_connection"):
+        if getattr(config.outbound, key) < 1:
+            problems.append(f"outbound.{key}: must be at least 1")
     for key in ("first_retry", "max_retry_interval", "max_lifetime"):
         if getattr(config.queue, key) <= 0:
             problems.append(f"queue.{key}: must be positive")

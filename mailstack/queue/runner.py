@@ -1,8 +1,9 @@
 """The outbound runner: delivers queued remote recipients, retries, bounces.
 
 Every second it takes the messages that are due, groups their remote
-recipients by domain (so one connection carries several messages to the same
-host), finds the routes (``routes``), and tries the hosts in order until
+recipients by domain (so one connection carries up to
+``messages_per_connection`` messages to the same host, and several such
+connections run at once up to ``max_connections``), finds the routes (``routes``), and tries the hosts in order until
 each recipient is sent (2xx) or refused (5xx). Temporary failures (4xx,
 timeouts, connection and DNS failures) are retried on an exponential
 schedule (``[queue] first_retry`` doubling up to ``max_retry_interval``)
@@ -121,9 +122,10 @@ class OutboundRunner:
                     else:
                         items.append(Item(env, [(index, rcpt)], message))
             results = Results()
+            size = self.config.outbound.messages_per_connection
             yield defer.DeferredList([
-                self._connections.run(self._deliver_domain, domain, items, results)
-                for domain, items in by_domain.items()])
+                self._connections.run(self._deliver_domain, domain, items[i:i + size], results)
+                for domain, items in by_domain.items() for i in range(0, len(items), size)])
             for env, _ in loaded:
                 yield self._finish(env, results)
         except Exception:
