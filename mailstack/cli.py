@@ -3,6 +3,8 @@
     mailstack init [--user ADDRESS]          create directories, certificate, first user
     mailstack user add|passwd|del|list ...   manage mailboxes
     mailstack alias add|del|list ...         manage aliases
+    mailstack queue list|show|flush|remove   see and steer the mail queue (mailq, postqueue)
+    mailstack dkim keygen DOMAIN             make a DKIM signing key and print its DNS record
 
 Every command takes ``--config FILE`` (default: $MAILSTACK_CONFIG or
 /etc/mailstack/mailstack.toml). The daemon notices changes to the users and
@@ -16,6 +18,7 @@ import getpass
 import os
 import secrets
 import sys
+import time
 
 from mailstack.addresses import BadAddress, canonical, canonical_domain
 from mailstack.auth.aliases import Aliases
@@ -90,7 +93,34 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_alias_del)
     p = alias.add_parser("list", parents=[common], help="list aliases")
     p.set_defaults(run=cmd_alias_list)
+    _add_queue_and_dkim(sub, common)
     return parser
+
+
+def _add_queue_and_dkim(sub, common) -> None:
+    queue = sub.add_parser("queue", help="see and steer the mail queue").add_subparsers(
+        metavar="ACTION")
+    p = queue.add_parser("list", parents=[common], help="queued messages and why (like mailq)")
+    p.set_defaults(run=cmd_queue_list)
+    p = queue.add_parser("show", parents=[common], help="one message: envelope and headers")
+    p.add_argument("queue_id")
+    p.set_defaults(run=cmd_queue_show)
+    p = queue.add_parser("flush", parents=[common],
+                         help="ask the running server to try every message now")
+    p.set_defaults(run=cmd_queue_flush)
+    p = queue.add_parser("remove", parents=[common], help="delete a message from the queue")
+    p.add_argument("queue_id")
+    p.set_defaults(run=cmd_queue_remove)
+
+    dkim = sub.add_parser("dkim", help="DKIM signing keys").add_subparsers(metavar="ACTION")
+    p = dkim.add_parser("keygen", parents=[common],
+                        help="write a signing key and print the DNS record to publish")
+    p.add_argument("domain")
+    p.add_argument("--selector", default=None,
+                   help="DKIM selector (default: mailstack<YYYYMM> for rsa, "
+                        "mailstack<YYYYMM>e for ed25519)")
+    p.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
+    p.set_defaults(run=cmd_dkim_keygen)
 
 
 def _read_password(args) -> str:
@@ -182,6 +212,86 @@ def cmd_alias_del(config: Config, args) -> None:
 def cmd_alias_list(config: Config, args) -> None:
     for source, targets in Aliases(config.server.aliases_file).items():
         print(f"{source}: {', '.join(targets)}")
+
+
+
+def _queued(config: Config) -> list:
+    spool = Spool(config.server.spool_dir)
+    envelopes = []
+    for path in sorted(spool.queue.glob("*.env")) if spool.queue.is_dir() else []:
+        try:
+            envelopes.append(spool.load(path.stem))
+        except FileNotFoundError:
+            continue  # delivered while we looked
+    return envelopes
+
+
+def cmd_queue_list(config: Config, args) -> None:
+    envelopes = _queued(config)
+    if not envelopes:
+        print("Mail queue is empty")
+        return
+    print(f"{'Queue ID':<22} {'Size':>8} {'Arrival':<19}  Sender/Recipient")
+    for env in envelopes:
+        arrival = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(env.arrival))
+        print(f"{env.id:<22} {env.size:>8} {arrival:<19}  <{env.sender}>")
+        for _, rcpt in env.pending():
+            where = "local" if rcpt.local else f"attempts={rcpt.attempts}"
+            print(f"{'':<52}<{rcpt.address}> ({where})")
+            if rcpt.reply:
+                print(f"{'':<54}{rcpt.reply}")
+    print(f"-- {len(envelopes)} message(s)")
+
+
+def cmd_queue_show(config: Config, args) -> None:
+    spool = Spool(config.server.spool_dir)
+    try:
+        env = spool.load(args.queue_id)
+        with open(spool.message_path(args.queue_id), "rb") as f:
+            head = f.read(64 * 1024).split(b"\n\n", 1)[0]
+    except FileNotFoundError:
+        raise CommandError(f"{args.queue_id}: no such message in the queue") from None
+    print(f"Queue ID: {env.id}\nSender: <{env.sender}>\nClient: {env.client} helo={env.helo}")
+    print(f"Arrival: {time.ctime(env.arrival)}\nSize: {env.size}")
+    for rcpt in env.recipients:
+        print(f"Recipient: <{rcpt.address}> (for <{rcpt.original}>) {rcpt.status}"
+              f"{'' if rcpt.local else f', attempts={rcpt.attempts}'} {rcpt.reply}".rstrip())
+    print()
+    print(head.decode("utf-8", "replace"))
+
+
+def cmd_queue_flush(config: Config, args) -> None:
+    spool = Spool(config.server.spool_dir)
+    if not spool.dir.is_dir():
+        raise CommandError(f"{spool.dir}: no spool directory")
+    (spool.dir / "flush").touch()
+    print("Flush requested: the running server tries every queued message within a second")
+
+
+def cmd_queue_remove(config: Config, args) -> None:
+    spool = Spool(config.server.spool_dir)
+    if not (spool.queue / f"{args.queue_id}.env").exists():
+        raise CommandError(f"{args.queue_id}: no such message in the queue")
+    spool.remove(args.queue_id)
+    print(f"{args.queue_id}: removed")
+
+
+def cmd_dkim_keygen(config: Config, args) -> None:
+    from mailstack.queue.dkimsign import KeyExists, generate_key, txt_record_name
+
+    domain = canonical_domain(args.domain)
+    if domain not in config.server.domains:
+        raise CommandError(f"{domain}: the domain is not in server.domains of {config.source}")
+    selector = args.selector or time.strftime("mailstack%Y%m") + (
+        "e" if args.algorithm == "ed25519" else "")
+    try:
+        path, txt = generate_key(config.dkim.keys_dir, domain, selector, args.algorithm)
+    except KeyExists as e:
+        raise CommandError(str(e)) from None
+    chunks = " ".join(f'"{txt[i:i + 255]}"' for i in range(0, len(txt), 255))
+    print(f"Wrote the private key {path} (mode 0600). Mail from {domain} is signed with it.")
+    print("Publish this DNS record (zone-file syntax):")
+    print(f"{txt_record_name(domain, selector)}. 3600 IN TXT {chunks}")
 
 
 if __name__ == "__main__":

@@ -181,6 +181,13 @@ class OutboundConfig:
 
 
 @dataclass(frozen=True)
+class DKIMConfig:
+    #: Signing keys: <keys_dir>/<domain>/<selector>.rsa.pem or .ed25519.key
+    #: (``mailstack dkim keygen`` writes them).
+    keys_dir: Path = Path("dkim")
+
+
+@dataclass(frozen=True)
 class QueueConfig:
     #: Seconds before a failed local delivery (disk full, ...) is tried again.
     retry_delay: float = 60.0
@@ -194,6 +201,114 @@ class QueueConfig:
     delay_warning: float = 0.0
 
 
+#: The policy checkers run when no ``[policy] checkers`` list is given, in order.
+DEFAULT_CHECKERS = ("lists", "ratelimit", "dnsbl", "spf", "dkim", "arc", "dmarc")
+
+
+@dataclass(frozen=True)
+class SPFPolicy:
+    #: Refuse mail whose SPF result is fail with 550 5.7.23 (RFC 7372). Off by
+    #: default: the result is recorded and DMARC decides (RFC 7489 10.1).
+    reject_on_fail: bool = False
+    #: Seconds the whole SPF evaluation may take (RFC 7208 4.6.4: at least 20).
+    time_budget: float = 20.0
+
+
+@dataclass(frozen=True)
+class DKIMPolicy:
+    #: Signatures verified per message; more are reported as not checked
+    #: (SECURITY-TESTS DKIM-9: bounds the DNS work a message can cause).
+    max_signatures: int = 5
+    #: Smaller RSA keys fail (RFC 8301 3.2: at least 1024 bits).
+    min_rsa_bits: int = 1024
+
+
+@dataclass(frozen=True)
+class ARCPolicy:
+    #: RFC 8617 4.2.1: at most 50 ARC sets; more is a fail.
+    max_sets: int = 50
+
+
+@dataclass(frozen=True)
+class DMARCPolicy:
+    #: Act on the domain's policy: p=reject -> 550 5.7.1, p=quarantine -> the
+    #: Junk folder. False: evaluate and record only (monitoring).
+    enforce: bool = True
+    #: Keep every evaluation in <state_dir>/dmarc.sqlite for aggregate reports.
+    record: bool = True
+    #: Days evaluations are kept.
+    keep_days: float = 31.0
+
+
+@dataclass(frozen=True)
+class GreylistPolicy:
+    #: Seconds a new (client network, sender, recipient) triplet must wait.
+    delay: float = 300.0
+    #: Seconds a first attempt waits for its retry before it is forgotten.
+    retry_window: float = 172_800.0
+    #: Seconds a triplet, or a sender from a client network, that passed
+    #: once is remembered after its last message (35 days).
+    expiry: float = 3_024_000.0
+    #: The client network of a triplet: /24 for IPv4, /64 for IPv6.
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 64
+
+
+@dataclass(frozen=True)
+class DNSBLPolicy:
+    #: DNS block lists to look the client address up in, e.g. "zen.spamhaus.org".
+    zones: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RateLimitPolicy:
+    #: The counting window, in seconds.
+    window: float = 60.0
+    #: Per client address and window; 0 turns a limit off.
+    max_connections: int = 60
+    max_messages: int = 120
+    max_auth_failures: int = 0
+    #: Recipients per message for unauthenticated clients (0: only smtp.max_recipients).
+    max_recipients: int = 0
+
+
+@dataclass(frozen=True)
+class ListsPolicy:
+    #: Allow- and block-list file ("allow ip 192.0.2.0/24", "block sender
+    #: @spam.example", ...); re-read when it changes. Empty: no lists.
+    file: Path | None = None
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    #: Checkers in the order they run: built-in names or dotted paths of
+    #: third-party classes (README "Writing a policy checker").
+    checkers: tuple[str, ...] = DEFAULT_CHECKERS
+    #: Clients that skip the inbound checks (Postfix's mynetworks).
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    #: The authserv-id of Authentication-Results (RFC 8601 2.5); empty: server.hostname.
+    authserv_id: str = ""
+    #: Greylisting and DMARC state; empty: <spool_dir>/policy.
+    state_dir: Path | None = None
+    #: Seconds all checks of one SMTP stage may take before 451 4.4.3.
+    stage_timeout: float = 60.0
+    spf: SPFPolicy = field(default_factory=SPFPolicy)
+    dkim: DKIMPolicy = field(default_factory=DKIMPolicy)
+    arc: ARCPolicy = field(default_factory=ARCPolicy)
+    dmarc: DMARCPolicy = field(default_factory=DMARCPolicy)
+    greylist: GreylistPolicy = field(default_factory=GreylistPolicy)
+    dnsbl: DNSBLPolicy = field(default_factory=DNSBLPolicy)
+    ratelimit: RateLimitPolicy = field(default_factory=RateLimitPolicy)
+    lists: ListsPolicy = field(default_factory=ListsPolicy)
+    #: Settings of third-party checkers (``[policy."dotted.path"]`` tables), as given.
+    plugins: dict = field(default_factory=dict)
+
+
+_POLICY_TABLES = {"spf": SPFPolicy, "dkim": DKIMPolicy, "arc": ARCPolicy, "dmarc": DMARCPolicy,
+                  "greylist": GreylistPolicy, "dnsbl": DNSBLPolicy,
+                  "ratelimit": RateLimitPolicy, "lists": ListsPolicy}
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -204,14 +319,16 @@ class Config:
     imap: IMAPConfig = field(default_factory=IMAPConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    dkim: DKIMConfig = field(default_factory=DKIMConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     listen: tuple[Listener, ...] = ()
     #: The file this was loaded from (None for built-in defaults).
     source: Path | None = None
 
 
 _SECTIONS = {"server": ServerConfig, "tls": TLSConfig, "smtp": SMTPConfig, "auth": AuthConfig,
-             "pop3": POP3Config, "imap": IMAPConfig, "dns": DNSConfig, "outbound": OutboundConfig,
+             "pop3": POP3Config, "imap": IMAPConfig, "dns": DNSConfig, "outbound": OutboundConfig, "dkim": DKIMConfig,
              "queue": QueueConfig}
 
 
@@ -258,13 +375,43 @@ def from_dict(raw: dict, path: Path | str) -> Config:
                     continue
                 listeners.append(_build(Listener, item, f"listen[{i}]", base, problems))
             sections["listen"] = tuple(listeners)
+        elif key == "policy":
+            sections["policy"] = _build_policy(value, base, problems)
         else:
             problems.append(f"{key}: unknown section")
+    if "policy" not in sections:
+        sections["policy"] = _build_policy({}, base, problems)
     config = Config(**sections, source=path)
     problems.extend(_check(config))
     if problems:
         raise ConfigError(path, problems)
     return config
+
+
+def _build_policy(table, base: Path, problems: list[str]) -> PolicyConfig:
+    """[policy] with a sub-table per built-in checker ([policy.spf], ...) and
+    the raw settings of third-party checkers ([policy."package.Checker"])."""
+    if not isinstance(table, dict):
+        problems.append("[policy]: must be a table")
+        table = {}
+    top, tables, plugins = {}, {}, {}
+    for key, value in table.items():
+        if key in _POLICY_TABLES or "." in key:
+            if not isinstance(value, dict):
+                problems.append(f"policy.{key}: must be a table")
+            elif key in _POLICY_TABLES:
+                tables[key] = _build(_POLICY_TABLES[key], value, f"policy.{key}", base, problems)
+            else:
+                plugins[key] = dict(value)
+        elif key == "plugins":
+            problems.append(f"policy.{key}: unknown key")
+        else:
+            top[key] = value
+    for key, cls in _POLICY_TABLES.items():
+        if key not in tables:
+            tables[key] = _build(cls, {}, f"policy.{key}", base, problems)
+    policy = _build(PolicyConfig, top, "policy", base, problems)
+    return dataclasses.replace(policy, plugins=plugins, **tables)
 
 
 def _build(cls, table: dict, where: str, base: Path, problems: list[str]):
@@ -403,6 +550,7 @@ def _check(config: Config) -> list[str]:
         problems.append("queue.retry_delay: must be positive")
     if config.smtp.idle_timeout <= 0:
         problems.append("smtp.idle_timeout: must be positive")
+    problems.extend(_check_policy(config.policy))
     seen = set()
     for i, lst in enumerate(config.listen):
         if lst.protocol not in PROTOCOLS:
@@ -423,4 +571,54 @@ def _check(config: Config) -> list[str]:
         needs_tls = lst.implicit_tls or lst.role == "submission"
         if needs_tls and config.tls.certificate is None:
             problems.append(f"listen[{i}]: {lst.protocol} needs [tls] certificate and private_key")
+    return problems
+
+
+def _check_policy(policy: PolicyConfig) -> list[str]:
+    problems = []
+    seen = set()
+    for name in policy.checkers:
+        if name in seen:
+            problems.append(f"policy.checkers: {name!r} is listed twice")
+        seen.add(name)
+        if name not in _POLICY_TABLES and name != "lists" and not re.fullmatch(
+                r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", name):
+            problems.append(f"policy.checkers: {name!r} is neither a built-in checker "
+                            f"({', '.join(_POLICY_TABLES)}) nor a dotted path")
+    for name in policy.plugins:
+        if name not in policy.checkers:
+            problems.append(f"policy.{name}: settings for a checker not in policy.checkers")
+    for net in policy.trusted_networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            problems.append(f"policy.trusted_networks: {net!r} is not an address or network")
+    if policy.authserv_id and not re.fullmatch(r"[A-Za-z0-9.\-]+", policy.authserv_id):
+        problems.append(f"policy.authserv_id: {policy.authserv_id!r} is not a host name")
+    for key, value in (("stage_timeout", policy.stage_timeout),
+                       ("spf.time_budget", policy.spf.time_budget),
+                       ("greylist.retry_window", policy.greylist.retry_window),
+                       ("greylist.expiry", policy.greylist.expiry),
+                       ("ratelimit.window", policy.ratelimit.window),
+                       ("dmarc.keep_days", policy.dmarc.keep_days)):
+        if value <= 0:
+            problems.append(f"policy.{key}: must be positive")
+    if policy.greylist.delay < 0:
+        problems.append("policy.greylist.delay: must not be negative")
+    if policy.dkim.max_signatures < 1:
+        problems.append("policy.dkim.max_signatures: must be at least 1")
+    if policy.dkim.min_rsa_bits < 1024:
+        problems.append("policy.dkim.min_rsa_bits: RFC 8301 requires at least 1024")
+    if not 1 <= policy.arc.max_sets <= 50:
+        problems.append("policy.arc.max_sets: must be between 1 and 50 (RFC 8617 4.2.1)")
+    if not 8 <= policy.greylist.ipv4_prefix <= 32:
+        problems.append("policy.greylist.ipv4_prefix: must be between 8 and 32")
+    if not 16 <= policy.greylist.ipv6_prefix <= 128:
+        problems.append("policy.greylist.ipv6_prefix: must be between 16 and 128")
+    for key in ("max_connections", "max_messages", "max_auth_failures", "max_recipients"):
+        if getattr(policy.ratelimit, key) < 0:
+            problems.append(f"policy.ratelimit.{key}: must not be negative")
+    for zone in policy.dnsbl.zones:
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)+\.?", zone):
+            problems.append(f"policy.dnsbl.zones: {zone!r} is not a DNS zone name")
     return problems
