@@ -13,6 +13,12 @@ every method, so the session is written here on ``Protocol`` with Twisted's
 Commands run one at a time, in order: a command whose work is asynchronous
 (committing a message to the spool) pauses reading until its reply is sent,
 so PIPELINING (RFC 2920) is safe and the input buffer stays bounded.
+
+The idle timer restarts with each complete line, not with each chunk of
+bytes: a line that never ends (LIM-2) times out like silence does, instead of
+holding a connection for as long as the client keeps dripping bytes. It is
+stopped while the server itself is working (a commit), which is not the
+client being idle.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ log = Logger(namespace="mailstack.smtpd")
 # RFC 5321 4.1.1.1: a domain or an address literal; underscores are common in
 # the wild and harmless here. Nothing that could break a Received header.
 _HELO_NAME = re.compile(rb"[A-Za-z0-9._:\-\[\]]{1,255}\Z")
+# RFC 5321 2.4: commands are ASCII. A "verb" that is empty or holds NUL,
+# control or 8-bit bytes is not an unknown command but bad syntax (LIM-10).
+_VERB = re.compile(rb"[\x21-\x7e]+\Z")
 _HTTP_VERBS = {b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS", b"DELETE"}
 
 
@@ -95,6 +104,9 @@ class Session(Protocol, TimeoutMixin):
         self.reply(Reply(220, "", f"{self.factory.hostname} ESMTP mailstack"))
 
     def connectionLost(self, reason: Failure = None) -> None:
+        # A commit still pending must not restart the idle timer or run
+        # pipelined commands when it finishes (``_wait_for``).
+        self.closing = True
         self.setTimeout(None)
         self._abort_transaction()
         if self.factory.release(self):
@@ -115,7 +127,6 @@ class Session(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
             return
-        self.resetTimeout()
         self.splitter.feed(data)
         self._process()
 
@@ -124,6 +135,8 @@ class Session(Protocol, TimeoutMixin):
             line = self.splitter.next_line()
             if line is None:
                 return
+            # RFC 5321 4.5.3.2.7: the server times out awaiting a command (or a DATA line).
+            self.resetTimeout()
             t = self.transaction
             if t is not None and t.reader is not None:
                 self._data_line(t, line)
@@ -134,10 +147,12 @@ class Session(Protocol, TimeoutMixin):
         """Hold further input until ``d`` (which sends the reply) has fired."""
         self._busy = True
         self.transport.pauseProducing()
+        self.setTimeout(None)
 
         def resume(result):
             self._busy = False
             if not self.closing:
+                self.setTimeout(self.limits.idle_timeout)
                 self.transport.resumeProducing()
                 self._process()
             return result
@@ -174,7 +189,7 @@ class Session(Protocol, TimeoutMixin):
             return
         if handler is None:
             self._count("unknown")
-            self.reply(reply.UNKNOWN_COMMAND if verb else reply.SYNTAX)
+            self.reply(reply.UNKNOWN_COMMAND if _VERB.match(verb) else reply.SYNTAX)
             return
         self._count(name.lower())
         try:
