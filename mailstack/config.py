@@ -24,6 +24,8 @@ from mailstack.addresses import BadAddress, canonical_domain
 #: TLS before the first byte (RFC 8314); the others offer STARTTLS/STLS.
 PROTOCOLS = {
     "smtp": ("smtp", "mx", False),
+    "submission": ("smtp", "submission", False),
+    "submissions": ("smtp", "submission", True),
     "pop3": ("pop3", None, False),
     "pop3s": ("pop3", None, True),
     "imap": ("imap", None, False),
@@ -119,6 +121,15 @@ class AuthConfig:
     #: further attempts are refused for the rest of the window.
     max_failures_per_ip: int = 10
     failure_window: float = 300.0
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    #: Leave the client's address and HELO out of the Received header of
+    #: submitted mail (it may be a home or office network).
+    hide_client_address: bool = False
+    #: Failed AUTH attempts in one session before 421 and disconnect.
+    max_auth_failures: int = 3
 
 
 @dataclass(frozen=True)
@@ -315,6 +326,7 @@ class Config:
     tls: TLSConfig = field(default_factory=TLSConfig)
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     pop3: POP3Config = field(default_factory=POP3Config)
     imap: IMAPConfig = field(default_factory=IMAPConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
@@ -328,7 +340,8 @@ class Config:
 
 
 _SECTIONS = {"server": ServerConfig, "tls": TLSConfig, "smtp": SMTPConfig, "auth": AuthConfig,
-             "pop3": POP3Config, "imap": IMAPConfig, "dns": DNSConfig, "outbound": OutboundConfig, "dkim": DKIMConfig,
+             "submission": SubmissionConfig, "pop3": POP3Config, "imap": IMAPConfig,
+             "dns": DNSConfig, "outbound": OutboundConfig, "dkim": DKIMConfig,
              "queue": QueueConfig}
 
 
@@ -511,6 +524,8 @@ def _check(config: Config) -> list[str]:
         problems.append("auth.failure_delay: must not be negative")
     if config.auth.failure_window <= 0:
         problems.append("auth.failure_window: must be positive")
+    if config.submission.max_auth_failures < 1:
+        problems.append("submission.max_auth_failures: must be at least 1")
     if config.auth.max_failures_per_ip < 1:
         problems.append("auth.max_failures_per_ip: must be at least 1")
     if config.pop3.idle_timeout <= 0:

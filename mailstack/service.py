@@ -31,6 +31,7 @@ from mailstack.queue.bounce import build_dsn
 from mailstack.queue.runner import OutboundRunner
 from mailstack.queue.spool import Envelope, Recipient, Spool, new_queue_id
 from mailstack.smtp.server import SMTPFactory
+from mailstack.smtp.submission import ISender
 from mailstack.store.folder import user_inbox
 from mailstack.store.maildir import MailRoot
 
@@ -93,7 +94,8 @@ class MailstackService(MultiService):
                                        self.notify_sender)
         self.local = LocalDelivery(self.spool, self.mail_root, server.hostname,
                                    self.run_blocking, reactor, config.queue.retry_delay)
-        realm = MailRealm({IMailboxPOP3: self._open_maildrop})
+        realm = MailRealm({IMailboxPOP3: self._open_maildrop,
+                           ISender: lambda address: (address, lambda: None)})
         self.portal = Portal(realm, [PasswordChecker(self.users, self.run_blocking)])
         auth = config.auth
         #: Failed logins per client address, shared by every protocol.
@@ -123,7 +125,8 @@ class MailstackService(MultiService):
             return POP3Factory(self.config, self.portal, self.auth_limiter, self.reactor,
                                self.tls_context, spec.implicit_tls)
         return SMTPFactory(self.config, spec.role, self.directory, self.spool, self.queued,
-                           self.run_blocking, self.tls_context, spec.implicit_tls)
+                           self.run_blocking, self.tls_context, spec.implicit_tls,
+                           self.portal, self.auth_limiter, self.reactor)
 
     def _open_maildrop(self, address: str) -> Deferred:
         """The POP3 avatar: the locked INBOX snapshot, built off the reactor."""

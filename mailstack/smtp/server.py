@@ -24,7 +24,8 @@ class SMTPFactory(ServerFactory):
 
     def __init__(self, config: Config, role: str, directory: Directory, spool: Spool,
                  queued: Callable[[Envelope], object], run_blocking: Callable[..., Deferred],
-                 tls_context=None, implicit_tls: bool = False):
+                 tls_context=None, implicit_tls: bool = False, portal=None,
+                 auth_limiter=None, clock=None):
         self.config = config
         self.hostname = config.server.hostname
         self.role = role
@@ -35,6 +36,11 @@ class SMTPFactory(ServerFactory):
         self.run_blocking = run_blocking
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
+        #: Submission: logins (the one cred Portal), failures per client
+        #: address (shared with IMAP and POP3) and the clock for delays.
+        self.portal = portal
+        self.auth_limiter = auth_limiter
+        self.clock = clock
         self._sessions: set[Session] = set()
         self._per_ip: dict[str, int] = {}
 

@@ -25,10 +25,14 @@ from __future__ import annotations
 
 import email.utils
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -36,7 +40,8 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mailstack.queue.spool import Envelope, MessageWriter, Recipient, new_queue_id
-from mailstack.smtp import reply
+from mailstack.queue.dkimsign import load_keys, sign
+from mailstack.smtp import reply, submission
 from mailstack.smtp.address import AddressSyntax, Mailbox, parse_path_and_params
 from mailstack.smtp.framing import DataReader, Line, LineSplitter
 from mailstack.smtp.reply import Reply, printable
@@ -65,6 +70,11 @@ class Transaction:
     body_offset: int = 0
     writer: MessageWriter | None = None
     reader: DataReader | None = None
+    #: Submission: the message is held here until it is checked and signed.
+    body: tempfile.SpooledTemporaryFile | None = None
+    completer: submission.HeaderCompleter | None = None
+    #: Submission: the domain of the From address (whose DKIM keys sign).
+    from_domain: str = ""
 
     @property
     def sender_text(self) -> str:
@@ -79,6 +89,10 @@ class Session(Protocol, TimeoutMixin):
         self.esmtp = False
         self.tls = False
         self.transaction: Transaction | None = None
+        #: The authenticated address (submission), None before AUTH.
+        self.user: str | None = None
+        self._sasl: submission.SaslExchange | None = None
+        self._auth_failures = 0
         self.errors = 0
         self.closing = False
         self._busy = False
@@ -138,7 +152,9 @@ class Session(Protocol, TimeoutMixin):
             # RFC 5321 4.5.3.2.7: the server times out awaiting a command (or a DATA line).
             self.resetTimeout()
             t = self.transaction
-            if t is not None and t.reader is not None:
+            if self._sasl is not None:
+                self._auth_line(line)
+            elif t is not None and t.reader is not None:
                 self._data_line(t, line)
             else:
                 self._command_line(line)
@@ -238,6 +254,9 @@ class Session(Protocol, TimeoutMixin):
                "ENHANCEDSTATUSCODES"]
         if self.factory.tls_context is not None and not self.tls:
             ext.append("STARTTLS")
+        if self.factory.role == "submission" and self.tls:
+            # RFC 4954 4 and SECURITY-TESTS AUTH-1: never offered in plaintext.
+            ext.append("AUTH " + " ".join(submission.MECHANISMS))
         return ext
 
     def smtp_STARTTLS(self, arg: bytes) -> Reply | None:
@@ -285,11 +304,96 @@ class Session(Protocol, TimeoutMixin):
         # CHUNKING is not advertised; never read BDAT data (SMUG-7).
         return reply.NOT_IMPLEMENTED
 
+    # -- AUTH (submission) -------------------------------------------------
+    def smtp_AUTH(self, arg: bytes) -> Reply | Deferred | None:
+        if self.factory.role != "submission":
+            return reply.NOT_IMPLEMENTED
+        if self.helo is None or not self.esmtp:
+            return Reply(503, "5.5.1", "Error: send EHLO first")
+        if self.user is not None:
+            return Reply(503, "5.5.1", "Error: already authenticated")
+        if self.transaction is not None:
+            return Reply(503, "5.5.1", "Error: AUTH not allowed during a mail transaction")
+        if not self.tls:
+            return submission.ENCRYPTION_REQUIRED
+        mechanism, _, initial = arg.partition(b" ")
+        if not mechanism:
+            return Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+        name = mechanism.decode("ascii", "replace").upper()
+        if name not in submission.MECHANISMS:
+            return Reply(504, "5.5.4", "Unrecognized authentication type")
+        self._sasl = submission.SaslExchange(name)
+        return self._auth_result(lambda: self._sasl.start(initial.strip() or None))
+
+    def _auth_line(self, line: Line) -> None:
+        if line.overlong or not line.crlf:
+            self._sasl = None
+            self.splitter.set_limit(self.limits.max_command_line)
+            self.reply(Reply(500, "5.5.6", "Authentication exchange line is too long"))
+            return
+        result = self._auth_result(lambda: self._sasl.step(line.text))
+        if isinstance(result, Deferred):
+            self._wait_for(result)
+        elif result is not None:
+            self.reply(result)
+
+    def _auth_result(self, advance) -> Reply | Deferred | None:
+        try:
+            outcome = advance()
+        except submission.SaslError as e:
+            self._sasl = None
+            self.splitter.set_limit(self.limits.max_command_line)
+            return e.reply
+        if isinstance(outcome, str):
+            self.splitter.set_limit(submission.MAX_AUTH_LINE)
+            self.reply(Reply(334, "", outcome))
+            return None
+        self._sasl = None
+        self.splitter.set_limit(self.limits.max_command_line)
+        user, password = outcome
+        if self.factory.auth_limiter.blocked(self.client_ip):
+            log.info("auth refused: too many failures, rip=[{ip}]", ip=self.client_ip)
+            return Reply(454, "4.7.0", "Too many failed logins from your address; "
+                                       "try again later")
+        d = self.factory.portal.login(UsernamePassword(user, password), None, submission.ISender)
+        d.addCallbacks(self._authenticated, self._auth_failed, errbackArgs=(user,))
+        return d
+
+    def _authenticated(self, result) -> None:
+        _, self.user, _ = result
+        self.factory.auth_limiter.succeeded(self.client_ip)
+        log.info("login: user=<{user}>, rip=[{ip}], tls={tls}", user=self.user,
+                 ip=self.client_ip, tls=self._tls_version())
+        self.reply(submission.AUTH_OK)
+
+    def _auth_failed(self, failure: Failure, user: bytes) -> Deferred | None:
+        if not failure.check(UnauthorizedLogin):
+            log.failure("login error for {user}", failure, user=user)
+            self.reply(reply.LOCAL_ERROR)
+            return None
+        self.factory.auth_limiter.failed(self.client_ip)
+        self._auth_failures += 1
+        # One line a fail2ban filter can match (see the README).
+        log.info("auth failed: user=<{user}>, rip=[{ip}]",
+                 user=printable(user, 100), ip=self.client_ip)
+        # The delay grows with each failure in the session (chasquid, Postfix).
+        delay = self.factory.config.auth.failure_delay * self._auth_failures
+        return task.deferLater(self.factory.clock, delay, self._refuse_login)
+
+    def _refuse_login(self) -> None:
+        self.reply(submission.AUTH_FAILED)
+        if self._auth_failures >= self.factory.config.submission.max_auth_failures:
+            self.reply(Reply(421, "4.7.0", "Error: too many failed logins"))
+            self.close()
+
+    # -- the mail transaction ---------------------------------------------
     def smtp_MAIL(self, arg: bytes) -> Reply:
         if self.helo is None:
             return reply.NEED_HELO
         if self.transaction is not None:
             return reply.NESTED_MAIL
+        if self.factory.role == "submission" and self.user is None:
+            return submission.AUTH_REQUIRED
         if arg[:5].upper() != b"FROM:":
             return Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
         try:
@@ -307,6 +411,12 @@ class Session(Protocol, TimeoutMixin):
                     return Reply(501, "5.5.4", "Bad BODY parameter")
             else:
                 return reply.BAD_PARAMETER
+        if self.user is not None and (sender is None or not submission.may_send_as(
+                self.factory.directory, self.user, str(sender))):
+            log.info("NOQUEUE: reject: MAIL from [{ip}]: sender <{sender}> not owned by "
+                     "user <{user}>", ip=self.client_ip, sender=str(sender or ""), user=self.user)
+            return Reply(553, "5.7.1", f"<{sender or ''}>: Sender address rejected: "
+                                       f"not owned by user {self.user}")
         self.transaction = Transaction(sender)
         return Reply(250, "2.1.0", "Ok")
 
@@ -332,7 +442,13 @@ class Session(Protocol, TimeoutMixin):
         rcpt = str(mailbox)
         directory = self.factory.directory
         if mailbox.is_literal or not directory.is_local_domain(mailbox.domain):
-            return self._reject_rcpt(Reply(554, "5.7.1", f"<{rcpt}>: Relay access denied"), rcpt)
+            if self.user is None:
+                return self._reject_rcpt(Reply(554, "5.7.1", f"<{rcpt}>: Relay access denied"),
+                                         rcpt)
+            if rcpt not in {r.address for r in t.recipients}:
+                t.recipients.append(Recipient(rcpt, rcpt, False))
+            t.accepted.append(rcpt)
+            return Reply(250, "2.1.5", "Ok")
         destinations = None if mailbox.quoted else directory.resolve(rcpt)
         if destinations is None:
             return self._reject_rcpt(
@@ -369,6 +485,15 @@ class Session(Protocol, TimeoutMixin):
             self.close()
             return None
         t.queue_id = new_queue_id()
+        if self.user is not None:
+            # Held until the final dot: the From check and the DKIM
+            # signature need the whole message before it is queued.
+            t.body = tempfile.SpooledTemporaryFile(max_size=1 << 20)
+            t.completer = submission.HeaderCompleter(
+                self.factory.hostname, lambda text: t.body.write(text + b"\n"))
+            t.reader = DataReader(self.limits.max_message_size, t.completer.line)
+            self.splitter.set_limit(self.limits.max_text_line)
+            return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
         try:
             t.writer = self.factory.spool.writer(t.queue_id)
             self._write_trace_headers(t)
@@ -380,17 +505,24 @@ class Session(Protocol, TimeoutMixin):
         self.splitter.set_limit(self.limits.max_text_line)
         return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
-    def _write_trace_headers(self, t: Transaction) -> None:
-        t.writer.write_line(f"Return-Path: <{t.sender_text}>".encode())
-        t.body_offset = t.writer.size
+    def _write_trace_headers(self, t: Transaction, writer: MessageWriter | None = None) -> None:
+        writer = writer or t.writer
+        writer.write_line(f"Return-Path: <{t.sender_text}>".encode())
+        t.body_offset = writer.size
         for header_line in self._received(t):
-            t.writer.write_line(header_line.encode())
+            writer.write_line(header_line.encode())
 
     def _received(self, t: Transaction) -> list[str]:
         """The Received header (RFC 5321 4.4), in Postfix's layout."""
         ip = ip_address(self.client_ip) if self.client_ip else None
         literal = f"IPv6:{ip}" if ip is not None and ip.version == 6 else str(ip)
-        protocol = ("ESMTP" if self.esmtp else "SMTP") + ("S" if self.tls else "")
+        # RFC 3848: ESMTP, ESMTPS, ESMTPA, ESMTPSA.
+        protocol = (("ESMTP" if self.esmtp else "SMTP") + ("S" if self.tls else "")
+                    + ("A" if self.user else ""))
+        if self.user and self.factory.config.submission.hide_client_address:
+            lines = [f"Received: by {self.factory.hostname} (mailstack) with {protocol} "
+                     f"id {t.queue_id};", f"\t{email.utils.format_datetime(email.utils.localtime())}"]
+            return lines
         lines = [f"Received: from {self.helo} ([{literal}])"]
         cipher = self._tls_description()
         if cipher:
@@ -437,6 +569,18 @@ class Session(Protocol, TimeoutMixin):
             id=t.queue_id, sender=t.sender_text, recipients=t.recipients,
             arrival=time.time(), client=f"[{self.client_ip}]:{self.client_port}",
             helo=self.helo or "", body_offset=t.body_offset)
+        if t.body is not None:
+            refusal = self._check_submitted(t)
+            if refusal is not None:
+                self._log_transaction(t, f"reject ({refusal.code} {refusal.text})")
+                self._abort_transaction()
+                self.reply(refusal)
+                return
+            d = self.factory.run_blocking(self._sign_and_commit, t, envelope)
+            d.addCallbacks(self._committed, self._commit_failed,
+                           callbackArgs=(t, envelope), errbackArgs=(t, None))
+            self._wait_for(d)
+            return
         writer = t.writer
         t.writer = None
         d = self.factory.run_blocking(writer.commit, envelope)
@@ -444,22 +588,62 @@ class Session(Protocol, TimeoutMixin):
                        callbackArgs=(t, envelope), errbackArgs=(t, writer))
         self._wait_for(d)
 
+    def _check_submitted(self, t: Transaction) -> Reply | None:
+        """Every From address must belong to the user (RFC 6409 8.1, AUTH-13)."""
+        t.completer.finish()
+        addresses = t.completer.from_addresses()
+        if not addresses:
+            return Reply(550, "5.6.0", "Message needs a readable From header (RFC 5322 3.6)")
+        for address in addresses:
+            if not submission.may_send_as(self.factory.directory, self.user, address):
+                return Reply(553, "5.7.1", f"From address <{printable(address, 100)}> is not "
+                                           f"owned by user {self.user}")
+        t.from_domain = addresses[0].rpartition("@")[2].lower()
+        return None
+
+    def _sign_and_commit(self, t: Transaction, envelope: Envelope) -> None:
+        """Blocking: DKIM-sign the held message, then write and commit it to the spool."""
+        t.body.seek(0)
+        message = t.body.read()
+        keys = load_keys(self.factory.config.dkim.keys_dir, t.from_domain)
+        signatures = sign(message, keys) if keys else []
+        writer = self.factory.spool.writer(t.queue_id)
+        try:
+            self._write_trace_headers(t, writer)
+            for header in signatures:
+                for line in header.rstrip(b"\n").split(b"\n"):
+                    writer.write_line(line)
+            for line in message.rstrip(b"\n").split(b"\n") if message else []:
+                writer.write_line(line)
+            envelope.body_offset = t.body_offset
+            writer.commit(envelope)
+        except BaseException:
+            writer.abort()
+            raise
+
     def _committed(self, _: None, t: Transaction, envelope: Envelope) -> None:
         self.transaction = None
+        if t.body is not None:
+            t.body.close()
         self._log_transaction(t, "queued", envelope.size)
         self.reply(Reply(250, "2.0.0", f"Ok: queued as {t.queue_id}"))
         self.factory.queued(envelope)
 
-    def _commit_failed(self, failure: Failure, t: Transaction, writer: MessageWriter) -> None:
+    def _commit_failed(self, failure: Failure, t: Transaction,
+                       writer: MessageWriter | None) -> None:
         log.failure("{id}: cannot commit to the spool", failure, id=t.queue_id)
-        writer.abort()
+        if writer is not None:
+            writer.abort()
+        if t.body is not None:
+            t.body.close()
         self.transaction = None
         self._log_transaction(t, "deferred (spool write failed)")
         self.reply(reply.LOCAL_ERROR)
 
     def _log_transaction(self, t: Transaction, result: str, size: int | None = None) -> None:
-        log.info("{id}: client=[{ip}]:{port}, helo=<{helo}>, from=<{sender}>, to=<{rcpts}>, "
-                 "size={size}, tls={tls}, result={result}", id=t.queue_id or "NOQUEUE",
+        log.info("{id}: client=[{ip}]:{port}, helo=<{helo}>, sasl_username=<{user}>, "
+                 "from=<{sender}>, to=<{rcpts}>, size={size}, tls={tls}, result={result}",
+                 id=t.queue_id or "NOQUEUE", user=self.user or "",
                  ip=self.client_ip, port=self.client_port, helo=self.helo,
                  sender=t.sender_text, rcpts=">,<".join(t.accepted),
                  size=size if size is not None else (t.reader.size if t.reader else 0),
@@ -471,4 +655,6 @@ class Session(Protocol, TimeoutMixin):
         self.transaction = None
         if t is not None and t.writer is not None:
             t.writer.abort()
+        if t is not None and t.body is not None:
+            t.body.close()
         self.splitter.set_limit(self.limits.max_command_line)

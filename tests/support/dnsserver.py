@@ -26,7 +26,10 @@ def _payload(rtype: str, value, ttl: int):
         return dns.Record_MX(preference, b"" if host == "." else host.encode(), ttl=ttl)
     if rtype == "TXT":
         strings = [value] if isinstance(value, str) else list(value)
-        return dns.Record_TXT(*[s.encode() for s in strings], ttl=ttl)
+        # A character-string holds at most 255 octets (RFC 1035 3.3); longer
+        # values (DKIM keys) are split as a zone file would write them.
+        chunks = [s.encode()[i:i + 255] for s in strings for i in range(0, max(len(s), 1), 255)]
+        return dns.Record_TXT(*chunks, ttl=ttl)
     if rtype == "CNAME":
         return dns.Record_CNAME(value.encode(), ttl=ttl)
     if rtype == "PTR":
