@@ -171,7 +171,21 @@ def cmd_init(config: Config, args) -> None:
         for domain in server.domains:
             if f"postmaster@{domain}" not in known:
                 aliases.add(f"postmaster@{domain}", [address])
+    _first_dkim_keys(config)
     print(f"Instance ready: mail root {server.mail_root}, spool {server.spool_dir}")
+
+
+def _first_dkim_keys(config: Config) -> None:
+    """A DKIM key for each local domain that has none yet, so mail is signed from day one."""
+    from mailstack.queue.dkimsign import generate_key, load_keys, txt_record_name
+
+    for domain in config.server.domains:
+        if load_keys(config.dkim.keys_dir, domain):
+            continue
+        selector = time.strftime("mailstack%Y%m")
+        path, txt = generate_key(config.dkim.keys_dir, domain, selector, "rsa")
+        print(f"Created the DKIM key {path}; publish: {txt_record_name(domain, selector)}. "
+              f"TXT \"{txt}\" (`mailstack dkim keygen` explains)")
 
 
 def cmd_user_add(config: Config, args) -> None:

@@ -6,6 +6,7 @@ fixture) with a DKIM signature that verifies against the published key.
 """
 
 import base64
+import re
 import smtplib
 import socket
 import ssl
@@ -14,6 +15,7 @@ import time
 import dkim
 import dns.resolver
 from twisted.internet import defer
+from twisted.logger import formatEvent, globalLogPublisher
 
 from mailstack.queue.dkimsign import generate_key, txt_record_name
 from tests.support.dnsserver import DNSFixture
@@ -227,6 +229,20 @@ class RefusalTests(SubmissionTestCase):
                          [b"535 5.7.8", b"535 5.7.8", b"535 5.7.8"])
         self.assertTrue(replies[-1].startswith(b"421 4.7.0"))
         self.assertGreaterEqual(elapsed, 0.3 + 0.6 + 0.9 - 0.05)
+
+    @defer.inlineCallbacks
+    def test_failures_are_logged_for_fail2ban(self):
+        self.start()
+        lines = []
+        observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        token = base64.b64encode(b"\0x>, rip=[192.0.2.99]\0wrong")
+        yield in_thread(self.raw, [b"AUTH PLAIN " + token])
+        # The README's filter: "\\] auth failed: rip=\\[<HOST>\\], user="
+        hosts = [m.group(1) for line in lines
+                 if (m := re.search(r"auth failed: rip=\[([^\]]+)\], user=", line))]
+        self.assertEqual(hosts, ["127.0.0.1"])
 
     @defer.inlineCallbacks
     def test_unknown_user_and_wrong_password_answer_alike(self):

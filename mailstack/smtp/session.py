@@ -374,7 +374,7 @@ class Session(Protocol, TimeoutMixin):
         self.factory.auth_limiter.failed(self.client_ip)
         self._auth_failures += 1
         # One line a fail2ban filter can match (see the README).
-        log.info("auth failed: user=<{user}>, rip=[{ip}]",
+        log.info("auth failed: rip=[{ip}], user=<{user}>",
                  user=printable(user, 100), ip=self.client_ip)
         # The delay grows with each failure in the session (chasquid, Postfix).
         delay = self.factory.config.auth.failure_delay * self._auth_failures
