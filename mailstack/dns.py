@@ -56,11 +56,15 @@ class Resolver:
         """Call a blocking lookup method of this resolver in the thread pool."""
         return self._run(method, *args)
 
-    def _query(self, name: str, rdtype: str) -> list:
+    def _query(self, name: str, rdtype: str, lifetime: float | None = None) -> list:
         try:
             answer = self._resolver.resolve(name, rdtype, search=False,
-                                            raise_on_no_answer=False)
+                                            raise_on_no_answer=False, lifetime=lifetime)
         except dns.resolver.NXDOMAIN:
+            raise NotFound(name) from None
+        except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong,
+                dns.name.BadEscape):
+            # RFC 1035 2.3.4: such a name cannot exist, now or later (permanent).
             raise NotFound(name) from None
         except (dns.resolver.NoNameservers, dns.exception.Timeout) as e:
             raise TemporaryDNSError(f"{name} {rdtype}: {e}") from None
@@ -103,6 +107,74 @@ class Resolver:
     def txt(self, name: str) -> list[str]:
         """TXT records, each with its strings joined (RFC 7208 3.3)."""
         return [b"".join(r.strings).decode("utf-8", "replace") for r in self._query(name, "TXT")]
+
+    # -- policy lookups (SPF, DKIM, DMARC, DNSBL); blocking, run them in the pool --
+    @property
+    def timeout(self) -> float:
+        return self._resolver.lifetime
+
+    def lookup(self, name: str, rdtype: str, lifetime: float | None = None) -> list:
+        """Records of one type; [] for NODATA, NotFound for NXDOMAIN.
+
+        ``lifetime`` shortens the configured timeout (a check's remaining
+        budget), never lengthens it.
+        """
+        if lifetime is not None:
+            lifetime = max(0.05, min(lifetime, self._resolver.lifetime))
+        return self._query(name, rdtype, lifetime)
+
+    def txt_bytes(self, name: str, lifetime: float | None = None) -> list[bytes]:
+        """TXT records with their strings joined, as bytes (RFC 6376 3.6.2.2, RFC 7489 6.6.3)."""
+        return [b"".join(r.strings) for r in self.lookup(name, "TXT", lifetime)]
+
+    def spf_lookup(self, name: str, qtype: str, strict=True, timeout: float | None = None) -> list:
+        """pyspf's ``DNSLookup(name, qtype, strict, timeout)`` hook over this resolver.
+
+        Returns ``[((name, qtype), value), ...]`` as pyspf's own dnspython
+        driver does (TXT: the list of strings as bytes, MX: (preference, host),
+        A/AAAA: the address text, PTR: the host). NXDOMAIN and NODATA are an
+        empty list (a void lookup, RFC 7208 4.6.4); a timeout or SERVFAIL
+        raises ``spf.TempError`` (RFC 7208 2.6.6 temperror).
+        """
+        import spf
+        try:
+            records = self.lookup(name, qtype, timeout)
+        except NotFound:
+            return []
+        except TemporaryDNSError as e:
+            raise spf.TempError(f"DNS {e}") from None
+        out = []
+        for r in records:
+            if qtype in ("A", "AAAA"):
+                value = r.address
+            elif qtype == "MX":
+                value = (r.preference, r.exchange.to_text(omit_final_dot=True))
+            elif qtype == "PTR":
+                value = r.target.to_text(omit_final_dot=True)
+            elif qtype in ("TXT", "SPF"):
+                value = list(r.strings)
+            else:
+                continue
+            out.append(((name, qtype), value))
+        return out
+
+    def dkim_txt(self, name: bytes | str, timeout: float | None = None) -> bytes | None:
+        """dkimpy's ``dnsfunc(name, timeout=...)`` over this resolver.
+
+        The first TXT record at ``name`` with its strings joined (RFC 6376
+        3.6.2.2), None when there is none; a timeout or SERVFAIL raises
+        ``dkim.DnsTimeoutError`` (RFC 6376 6.1.2: TEMPFAIL).
+        """
+        import dkim
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        try:
+            records = self.txt_bytes(name.rstrip("."), timeout)
+        except NotFound:
+            return None
+        except TemporaryDNSError as e:
+            raise dkim.DnsTimeoutError(str(e)) from None
+        return records[0] if records else None
 
 
 def is_public_address(address: str) -> bool:
