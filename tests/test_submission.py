@@ -210,13 +210,43 @@ class RefusalTests(SubmissionTestCase):
 
     @defer.inlineCallbacks
     def test_relay_tricks_without_auth_never_get_a_recipient(self):
+        """SECURITY-TESTS section 4 on 587 (after STARTTLS) and 465, without AUTH."""
         self.start()
-        for rcpt in (b"<v@evil.test>", b"<v%evil.test@example.test>",
-                     b"<@example.test:v@evil.test>", b"<demo@example.test>"):
-            replies = yield in_thread(self.raw, [b"MAIL FROM:<demo@example.test>",
-                                                 b"RCPT TO:" + rcpt])
-            self.assertTrue(replies[-2].startswith(b"530 5.7.0"), replies)
-            self.assertTrue(replies[-1].startswith(b"503 5.5.1"), replies)
+        tricks = [b"<v@evil.test>", b"<v%evil.test@example.test>", b"<v%evil.test>",
+                  b'<"v@evil.test"@example.test>', b'<"v@evil.test">',
+                  b"<v@evil.test@example.test>", b"<@example.test:v@evil.test>",
+                  b"<evil.test!v@example.test>", b"<v@[192.0.2.1]>", b"<v@example.test.evil.test>",
+                  b"<demo@example.test>"]
+        for implicit in (True, False):
+            for rcpt in tricks:
+                replies = yield in_thread(self.raw_tls, [
+                    b"MAIL FROM:<demo@example.test>", b"RCPT TO:" + rcpt], implicit)
+                self.assertTrue(replies[-2].startswith(b"530 5.7.0"), replies)
+                self.assertTrue(replies[-1].startswith(b"503 5.5.1"), replies)
+        self.assertEqual(list((self.instance.config.server.spool_dir / "queue").iterdir()), [])
+
+    def raw_tls(self, lines, implicit):
+        """Like ``raw``, for 587 too: STARTTLS first, then EHLO again inside TLS."""
+        if implicit:
+            return self.raw(lines)
+        port = self.instance.port("submission")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
+            reader = plain.makefile("rb")
+            reader.readline()
+            plain.sendall(b"EHLO client.test\r\n")
+            while reader.readline()[3:4] == b"-":
+                pass
+            plain.sendall(b"STARTTLS\r\n")
+            assert reader.readline().startswith(b"220")
+            sock = tls_context().wrap_socket(plain)
+            reader = sock.makefile("rb")
+            replies = []
+            for line in [b"EHLO client.test", *lines]:
+                sock.sendall(line + b"\r\n")
+                while (answer := reader.readline())[3:4] == b"-":
+                    pass
+                replies.append(answer.rstrip(b"\r\n"))
+            return replies
 
     @defer.inlineCallbacks
     def test_wrong_password_gets_535_after_a_growing_delay_then_421(self):
@@ -313,3 +343,58 @@ class RefusalTests(SubmissionTestCase):
         has_auth, (code, _) = yield in_thread(probe)
         self.assertFalse(has_auth)
         self.assertEqual(code, 502)
+
+
+class SmarthostTests(SubmissionTestCase):
+    @defer.inlineCallbacks
+    def test_relay_through_a_smarthost_with_starttls_and_auth(self):
+        """A -> smarthost B (its submission port: STARTTLS required, AUTH) -> MX sink."""
+        self.start()
+        smarthost = Instance(self.mktemp(), listen=LISTEN, sections={
+            "dns": self.dns.config,
+            "outbound": {"port": self.sink.port, "allow_private": True}})
+        smarthost.start()
+        self.addCleanup(smarthost.stop)
+        relay = Instance(self.mktemp(), aliases={"fwd@example.test": ["bob@remote.test"]},
+                         sections={"outbound": {
+                             "relay": f"127.0.0.1:{smarthost.port('submission')}",
+                             "relay_username": "demo@example.test",
+                             "relay_password": PASSWORD,
+                             "relay_verify_certificate": False},
+                             "queue": {"first_retry": 0.3, "max_retry_interval": 0.6}})
+        relay.start()
+        self.addCleanup(relay.stop)
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as client:
+                client.sendmail("demo@example.test", ["fwd@example.test"],
+                                b"From: demo@example.test\r\nSubject: via relay\r\n\r\nhi\r\n")
+
+        yield in_thread(send)
+        yield wait_for(lambda: self.sink.state.messages, timeout=15)
+        data = self.sink.state.messages[0].data
+        self.assertIn(b"with ESMTPSA", data)  # the relay logged in over TLS at the smarthost
+        self.assertIn(b"Subject: via relay", data)
+
+    @defer.inlineCallbacks
+    def test_smarthost_without_starttls_is_never_given_the_password(self):
+        self.start()
+        plain = self.start_sink()
+        relay = Instance(self.mktemp(), aliases={"fwd@example.test": ["bob@remote.test"]},
+                         sections={"outbound": {"relay": f"127.0.0.1:{plain.port}",
+                                                "relay_username": "demo@example.test",
+                                                "relay_password": PASSWORD,
+                                                "relay_verify_certificate": False}})
+        relay.start()
+        self.addCleanup(relay.stop)
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as client:
+                client.sendmail("demo@example.test", ["fwd@example.test"],
+                                b"From: demo@example.test\r\n\r\nhi\r\n")
+
+        yield in_thread(send)
+        queue = relay.config.server.spool_dir / "queue"
+        yield wait_for(lambda: [p for p in queue.glob("*.env") if b"STARTTLS" in p.read_bytes()])
+        self.assertFalse([c for c in plain.state.commands if c.startswith(b"AUTH")])
+        self.assertEqual(plain.state.messages, [])
