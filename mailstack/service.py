@@ -14,7 +14,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mailstack import tls
 from twisted.cred.portal import Portal
-from twisted.mail.interfaces import IMailboxPOP3
+from twisted.mail.interfaces import IAccountIMAP, IMailboxPOP3
 
 from mailstack.auth.aliases import Aliases
 from mailstack.auth.checker import PasswordChecker
@@ -25,6 +25,7 @@ from mailstack.auth.users import Users
 from mailstack.config import Config, Listener
 from mailstack.queue.local import LocalDelivery
 from mailstack.dns import Resolver
+from mailstack.imap.server import IMAPFactory, open_account
 from mailstack.pop3.mailbox import Maildrop
 from mailstack.pop3.server import POP3Factory
 from mailstack.queue.bounce import build_dsn
@@ -33,6 +34,9 @@ from mailstack.queue.spool import Envelope, Recipient, Spool, new_queue_id
 from mailstack.smtp.server import SMTPFactory
 from mailstack.smtp.submission import ISender
 from mailstack.store.folder import user_inbox
+from mailstack.store.folders import Mailboxes
+from mailstack.store.index import IndexRegistry
+from mailstack.store.watch import FolderWatcher
 from mailstack.store.maildir import MailRoot
 
 log = Logger(namespace="mailstack")
@@ -94,7 +98,11 @@ class MailstackService(MultiService):
                                        self.notify_sender)
         self.local = LocalDelivery(self.spool, self.mail_root, server.hostname,
                                    self.run_blocking, reactor, config.queue.retry_delay)
+        #: IMAP: the per-folder indexes shared by all sessions, and the IDLE watcher.
+        self.imap_indexes = IndexRegistry()
+        self.imap_watcher = FolderWatcher(reactor, config.imap.poll_interval)
         realm = MailRealm({IMailboxPOP3: self._open_maildrop,
+                           IAccountIMAP: self._open_imap_account,
                            ISender: lambda address: (address, lambda: None)})
         self.portal = Portal(realm, [PasswordChecker(self.users, self.run_blocking)])
         auth = config.auth
@@ -121,6 +129,10 @@ class MailstackService(MultiService):
         return endpoints.TCP4ServerEndpoint(self.reactor, spec.port, interface=spec.address)
 
     def _factory(self, spec: Listener):
+        if spec.speaks == "imap":
+            return IMAPFactory(self.config, self.portal, self.auth_limiter, self.reactor,
+                               self.run_blocking, self.imap_watcher, self.tls_context,
+                               spec.implicit_tls)
         if spec.speaks == "pop3":
             return POP3Factory(self.config, self.portal, self.auth_limiter, self.reactor,
                                self.tls_context, spec.implicit_tls)
@@ -135,6 +147,13 @@ class MailstackService(MultiService):
         folder = user_inbox(self.mail_root.maildir(address))
         d = self.run_blocking(Maildrop.open, address, folder, self._pop3_sizes)
         return d.addCallback(lambda maildrop: (maildrop, maildrop.logout))
+
+    def _open_imap_account(self, address: str) -> Deferred:
+        """The IMAP avatar; the first login creates the special-use mailboxes."""
+        mailboxes = Mailboxes(self.mail_root.maildir(address), self.imap_indexes,
+                              self.config.imap.max_mailboxes)
+        d = self.run_blocking(open_account, address, mailboxes, self.run_blocking)
+        return d.addCallback(lambda account: (account, lambda: None))
 
     def queued(self, envelope: Envelope) -> None:
         """A message was committed to the spool: deliver locally, then remotely."""
@@ -214,7 +233,16 @@ class MailstackService(MultiService):
 
         d.addBoth(lambda result: self.outbound.stop().addCallback(lambda _: result))
 
+        def imap_closed(result):
+            # IMAP sessions last long: say BYE to each one now (RFC 3501 7.1.5).
+            closing = [l.factory.shutdown() for l in self.listeners
+                       if isinstance(l.factory, IMAPFactory)]
+            return defer.DeferredList(closing).addCallback(lambda _: result)
+
+        d.addBoth(imap_closed)
+
         def stopped(result):
+            self.imap_watcher.stop()
             self.local.stop()
             self.pool.stop()
             self.spool.close()
