@@ -11,6 +11,7 @@ import json
 import smtplib
 
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.trial import unittest
 
 from mailstack.queue.client import to_wire
@@ -53,6 +54,26 @@ class OutboundTestCase(unittest.TestCase):
         sink.start()
         self.addCleanup(sink.stop)
         return sink
+
+    def start_sink_pair(self):
+        """Sinks on 127.0.0.2 and 127.0.0.1 with the same port number (MX tests).
+
+        The second bind can collide with a port another process holds on
+        127.0.0.1, so a few first ports are tried.
+        """
+        for _ in range(20):
+            first = Sink("127.0.0.2")
+            first.start()
+            second = Sink("127.0.0.1", first.port)
+            try:
+                second.start()
+            except CannotListenError:
+                first.stop()
+                continue
+            self.addCleanup(first.stop)
+            self.addCleanup(second.stop)
+            return first, second
+        raise CannotListenError("127.0.0.1", 0, "no port free on both addresses")
 
     def send(self, instance, sender, rcpts, body):
         def go():
@@ -167,8 +188,7 @@ class DeliveryTests(OutboundTestCase):
     @defer.inlineCallbacks
     def test_mx_preference_order_is_followed(self):
         self.start_dns()
-        first = self.start_sink("127.0.0.2")
-        second = self.start_sink("127.0.0.1", first.port)
+        first, second = self.start_sink_pair()
         sender = self.start_sender(first.port, {"fwd@example.test": ["bob@pref.test"]})
         yield self.send(sender, "demo@example.test", ["fwd@example.test"],
                         b"Subject: pref\r\n\r\nbody\r\n")

@@ -10,6 +10,7 @@ empty NOERROR answer (NODATA). ``records`` may be changed while it runs.
 from __future__ import annotations
 
 from twisted.internet import defer, reactor
+from twisted.internet.error import CannotListenError
 from twisted.names import common, dns, error, server
 
 _TYPES = {"A": dns.A, "AAAA": dns.AAAA, "MX": dns.MX, "TXT": dns.TXT, "CNAME": dns.CNAME,
@@ -81,10 +82,20 @@ class DNSFixture:
         self._ports = []
 
     def start(self) -> int:
-        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(self.factory), interface="127.0.0.1")
-        self.port = udp.getHost().port
-        self._ports = [udp, reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")]
-        return self.port
+        # The TCP port must equal the (ephemeral) UDP one; another process may
+        # hold it on TCP, so try a few UDP ports.
+        for _ in range(20):
+            udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(self.factory),
+                                    interface="127.0.0.1")
+            self.port = udp.getHost().port
+            try:
+                tcp = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
+            except CannotListenError:
+                udp.stopListening()
+                continue
+            self._ports = [udp, tcp]
+            return self.port
+        raise CannotListenError("127.0.0.1", 0, "no port free for both UDP and TCP")
 
     def stop(self) -> defer.Deferred:
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self._ports])
