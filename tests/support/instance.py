@@ -143,7 +143,7 @@ class DaemonProcess:
     """``twistd mailstack`` as a separate process on a fixed free port."""
 
     def __init__(self, root: Path, **layout):
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # twistd runs with this as its working directory
         self.port = free_port()
         layout.setdefault("listen", (("smtp", self.port),))
         self.config_path = write_instance(self.root, **layout)
