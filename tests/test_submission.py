@@ -346,6 +346,25 @@ class RefusalTests(SubmissionTestCase):
 
 
 class SmarthostTests(SubmissionTestCase):
+    def relay_through(self, port: int) -> Instance:
+        """An instance that sends all outbound mail through 127.0.0.1:port with AUTH."""
+        relay = Instance(self.mktemp(), aliases={"fwd@example.test": ["bob@remote.test"]},
+                         sections={"outbound": {"relay": f"127.0.0.1:{port}",
+                                                "relay_username": "demo@example.test",
+                                                "relay_password": PASSWORD,
+                                                "relay_verify_certificate": False},
+                                   "queue": {"first_retry": 0.3, "max_retry_interval": 0.6}})
+        relay.start()
+        self.addCleanup(relay.stop)
+        return relay
+
+    def forward(self, relay: Instance, subject: bytes) -> defer.Deferred:
+        def send():
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as client:
+                client.sendmail("demo@example.test", ["fwd@example.test"],
+                                b"From: demo@example.test\r\nSubject: " + subject + b"\r\n\r\nhi\r\n")
+        return in_thread(send)
+
     @defer.inlineCallbacks
     def test_relay_through_a_smarthost_with_starttls_and_auth(self):
         """A -> smarthost B (its submission port: STARTTLS required, AUTH) -> MX sink."""
@@ -355,22 +374,7 @@ class SmarthostTests(SubmissionTestCase):
             "outbound": {"port": self.sink.port, "allow_private": True}})
         smarthost.start()
         self.addCleanup(smarthost.stop)
-        relay = Instance(self.mktemp(), aliases={"fwd@example.test": ["bob@remote.test"]},
-                         sections={"outbound": {
-                             "relay": f"127.0.0.1:{smarthost.port('submission')}",
-                             "relay_username": "demo@example.test",
-                             "relay_password": PASSWORD,
-                             "relay_verify_certificate": False},
-                             "queue": {"first_retry": 0.3, "max_retry_interval": 0.6}})
-        relay.start()
-        self.addCleanup(relay.stop)
-
-        def send():
-            with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as client:
-                client.sendmail("demo@example.test", ["fwd@example.test"],
-                                b"From: demo@example.test\r\nSubject: via relay\r\n\r\nhi\r\n")
-
-        yield in_thread(send)
+        yield self.forward(self.relay_through(smarthost.port("submission")), b"via relay")
         yield wait_for(lambda: self.sink.state.messages, timeout=15)
         data = self.sink.state.messages[0].data
         self.assertIn(b"with ESMTPSA", data)  # the relay logged in over TLS at the smarthost
@@ -380,20 +384,8 @@ class SmarthostTests(SubmissionTestCase):
     def test_smarthost_without_starttls_is_never_given_the_password(self):
         self.start()
         plain = self.start_sink()
-        relay = Instance(self.mktemp(), aliases={"fwd@example.test": ["bob@remote.test"]},
-                         sections={"outbound": {"relay": f"127.0.0.1:{plain.port}",
-                                                "relay_username": "demo@example.test",
-                                                "relay_password": PASSWORD,
-                                                "relay_verify_certificate": False}})
-        relay.start()
-        self.addCleanup(relay.stop)
-
-        def send():
-            with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as client:
-                client.sendmail("demo@example.test", ["fwd@example.test"],
-                                b"From: demo@example.test\r\n\r\nhi\r\n")
-
-        yield in_thread(send)
+        relay = self.relay_through(plain.port)
+        yield self.forward(relay, b"plain")
         queue = relay.config.server.spool_dir / "queue"
         yield wait_for(lambda: [p for p in queue.glob("*.env") if b"STARTTLS" in p.read_bytes()])
         self.assertFalse([c for c in plain.state.commands if c.startswith(b"AUTH")])
