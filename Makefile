@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEV_CONFIG := etc/mailstack.dev.toml
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test test-deps bench clean
 
 $(STAMP): setup.py setup.cfg
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
@@ -21,7 +21,14 @@ run: $(STAMP)
 	$(BIN)/mailstack init --config $(DEV_CONFIG) --user demo@example.test
 	exec $(BIN)/twistd --nodaemon --pidfile= mailstack --config $(DEV_CONFIG)
 
-test: $(STAMP)
+# External clients the interop tests drive (tests/test_pop3_interop.py);
+# installed only when missing, so a second run does nothing.
+test-deps:
+	@command -v fetchmail >/dev/null && command -v curl >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    fetchmail curl >/dev/null; }
+
+test: $(STAMP) test-deps
 	$(BIN)/trial tests
 
 clean:

@@ -3,9 +3,10 @@
 Message numbers and sizes stay fixed for the session. Deletions are only
 marked until QUIT (``sync``); a dropped connection deletes nothing. A
 retrieved message gets the ``S`` (seen) flag, so an IMAP client sees it as
-read. Sizes are exact: the octets RETR sends, with CRLF line ends and
-dot-stuffing. The UIDL is the Maildir base name, which never changes for a
-message (not when IMAP changes its flags, nor across restarts).
+read. Sizes are exact: the octets of the message as the client receives it
+(CRLF line ends; RFC 1939 11, see ``wire``). The UIDL is the Maildir base
+name, which never changes for a message (not when IMAP changes its flags,
+nor across restarts).
 """
 
 from __future__ import annotations
@@ -17,28 +18,11 @@ import re
 from twisted.mail.interfaces import IMailboxPOP3
 from zope.interface import implementer
 
+from mailstack.pop3.wire import wire_size
 from mailstack.store.folder import Folder, StoredMessage
 
 LOCK_NAME = "mailstack-pop3.lock"
 _UIDL_OK = re.compile(r"[\x21-\x7e]{1,70}\Z")  # RFC 1939 7: 1-70 printable characters
-
-
-def to_wire(data: bytes) -> bytes:
-    """A stored message as POP3 sends it: CRLF line ends, leading dots doubled."""
-    data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    data = data.replace(b"\r\n.", b"\r\n..")
-    return b"." + data if data.startswith(b".") else data
-
-
-def top_of(data: bytes, lines: int) -> bytes:
-    """The header, the blank line and the first ``lines`` body lines (RFC 1939 TOP)."""
-    data = data.replace(b"\r\n", b"\n")
-    head, sep, body = data.partition(b"\n\n")
-    if not sep:
-        return data
-    kept = body.split(b"\n")[:lines] if lines else []
-    tail = b"\n".join(kept) + (b"\n" if kept else b"")
-    return head + sep + tail
 
 
 def uidl_of(msg: StoredMessage) -> bytes:
@@ -65,20 +49,32 @@ class Maildrop:
 
     @classmethod
     def open(cls, address: str, folder: Folder, size_cache: dict[str, int]) -> Maildrop:
-        """Lock the maildrop (MailboxInUse if held) and take the snapshot."""
+        """Lock the maildrop (MailboxInUse if held) and take the snapshot.
+
+        A size comes from ``W=`` in the file name when there is one (it is
+        the same CRLF size, written at delivery by mailstack and Dovecot),
+        so a login reads no message. Other files (from Postfix, mutt, a
+        restored backup) are measured once and remembered in ``size_cache``;
+        Maildir files never change their content.
+        """
         lock_fd = folder.lock_exclusive(LOCK_NAME)
         try:
+            folder.hold()
             messages = folder.scan()
             sizes = []
             for msg in messages:
+                if msg.wsize >= 0:
+                    sizes.append(msg.wsize)
+                    continue
                 key = f"{folder.path}/{msg.base}"
                 size = size_cache.get(key)
                 if size is None:
                     with folder.open_message(msg) as f:
-                        size = len(to_wire(f.read()))
+                        size = wire_size(f)
                     size_cache[key] = size
                 sizes.append(size)
         except BaseException:
+            folder.release()
             os.close(lock_fd)
             raise
         return cls(address, folder, lock_fd, messages, sizes)
@@ -86,6 +82,7 @@ class Maildrop:
     def logout(self) -> None:
         """Release the maildrop lock (the session ended, with or without QUIT)."""
         if self._lock_fd is not None:
+            self.folder.release()
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -100,9 +97,9 @@ class Maildrop:
         self._check(index)
         return 0 if index in self.deleted else self.sizes[index]
 
-    def getMessage(self, index: int):
+    def getMessage(self, index: int, buffering: int = -1):
         self._check(index)
-        return self.folder.open_message(self.messages[index])
+        return self.folder.open_message(self.messages[index], buffering)
 
     def getUidl(self, index: int) -> bytes:
         self._check(index)
@@ -120,7 +117,7 @@ class Maildrop:
     def mark_seen(self, index: int) -> None:
         msg = self.messages[index]
         if "S" not in msg.flags:
-            self.messages[index] = self.folder.set_flags(msg, msg.flags + "S")
+            self.messages[index] = self.folder.add_flags(msg, "S")
 
     def sync(self) -> int:
         """Remove the messages marked deleted (the UPDATE state); returns how many."""

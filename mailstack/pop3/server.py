@@ -13,9 +13,13 @@ cred login flow, with these parts replaced, each for a reason:
   are dispatched; APOP, RPOP and LAST are not offered (APOP needs plaintext
   equivalent passwords, RFC 2595).
 * STAT, LIST, UIDL, RETR, TOP and DELE: message numbers are parsed strictly
-  (ISO-2), deleted messages are not listed or counted (RFC 1939 5), and RETR
-  sends the whole answer at once with exact dot-stuffing (the stock chunk
+  (ISO-2), deleted messages are not listed or counted (RFC 1939 5), and
+  RETR and TOP stream the file through ``wire.WireEncoder`` (the stock chunk
   transformer misses a leading dot at a chunk boundary).
+* Output flow control: the session is the transport's push producer. While
+  the transport's send buffer is full, no file is read and no command is
+  taken, so a client that pipelines RETRs without reading its answers
+  cannot make the server buffer its mailbox (SECURITY-TESTS LIM-11).
 * Logins: only over TLS unless the config allows plaintext on loopback,
   ``-ERR [AUTH]`` after a delay on failure, ``[IN-USE]`` when the maildrop is
   locked (RFC 2449 and RFC 3206 response codes), and a per-address limit on
@@ -32,13 +36,15 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import task
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.mail.interfaces import IMailboxPOP3
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from mailstack.pop3.mailbox import to_wire, top_of
+from mailstack.pop3.wire import CHUNK, WireEncoder, message_chunks, top_chunks
 from mailstack.smtp.framing import LineSplitter
 from mailstack.store.folder import MailboxInUse
 
@@ -46,6 +52,8 @@ log = Logger(namespace="mailstack.pop3")
 
 MAX_LINE = 512  # RFC 2449 4: 255 octets per command, 40 per argument; SASL needs more
 _NUMBER = re.compile(rb"[0-9]{1,9}\Z")
+#: TOP's line count; clients send up to 2**31 - 2 to mean "all".
+_COUNT = re.compile(rb"[0-9]{1,20}\Z")
 _LOOPBACK = ("127.", "::1", "::ffff:127.")
 
 _AUTHORIZATION = {b"CAPA": (0, 0), b"USER": (1, 1), b"PASS": (1, 1), b"AUTH": (0, 2),
@@ -55,6 +63,18 @@ _TRANSACTION = {b"CAPA": (0, 0), b"STAT": (0, 0), b"LIST": (0, 1), b"UIDL": (0, 
                 b"NOOP": (0, 0), b"QUIT": (0, 0)}
 
 
+class _Transfer:
+    """A RETR or TOP answer being sent: the open file and where it has got to."""
+
+    def __init__(self, index: int, file, chunks, retr: bool):
+        self.index = index
+        self.file = file
+        self.chunks = chunks
+        self.retr = retr
+        self.encoder = WireEncoder()
+
+
+@implementer(IPushProducer)
 class POP3Session(pop3.POP3):
     """One POP3 connection; ``factory`` is a ``POP3Factory``."""
 
@@ -65,12 +85,18 @@ class POP3Session(pop3.POP3):
         self.timeOut = self.factory.config.pop3.idle_timeout
         self.splitter = LineSplitter(MAX_LINE)
         self.user: str | None = None
-        self._paused = False
+        self._lost = False
+        self._reading_paused = False
+        self._output_paused = False
+        self._transfer: _Transfer | None = None
         self._stats = {"retr": 0, "retr_bytes": 0, "top": 0, "dele": 0}
+        self.transport.registerProducer(self, True)
         self.successResponse(b"mailstack POP3 server ready")
         self.setTimeout(self.timeOut)
 
     def connectionLost(self, reason=None) -> None:
+        self._lost = True
+        self._end_transfer()
         if self.user is not None:
             s = self._stats
             log.info("logout: user=<{user}>, rip=[{ip}], retr={retr}/{rb}, top={top}, "
@@ -83,18 +109,28 @@ class POP3Session(pop3.POP3):
         self.splitter.feed(data)
         self._process()
 
+    def _busy(self) -> bool:
+        """Whether the next command must wait: a login, a transfer, a full send buffer."""
+        return self.blocked is not None or self._transfer is not None or self._output_paused
+
     def _process(self) -> None:
-        while self.blocked is None and not self.transport.disconnecting:
+        while not self._busy() and not self.transport.disconnecting:
             line = self.splitter.next_line()
             if line is None:
-                return
+                break
             if line.overlong:
                 self.failResponse(b"Line too long")
                 continue
             self.lineReceived(line.text)
-        if self.blocked is not None and not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()
+        # While busy, read no more: the kernel's buffers and TCP flow control
+        # hold what the client pipelines, not this process.
+        busy = self._busy() and not self._lost
+        if busy != self._reading_paused:
+            self._reading_paused = busy
+            if busy:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     def _wait(self, d: Deferred) -> Deferred:
         """Hold further commands until ``d`` has fired (and answered)."""
@@ -103,11 +139,23 @@ class POP3Session(pop3.POP3):
 
     def _unblock(self, result):
         self.blocked = None
-        if self._paused and not self.transport.disconnecting:
-            self._paused = False
-            self.transport.resumeProducing()
         self._process()
         return None
+
+    # -- IPushProducer: the transport's send buffer is full, or drained ----
+    def pauseProducing(self) -> None:
+        self._output_paused = True
+
+    def resumeProducing(self) -> None:
+        self._output_paused = False
+        # The client is reading: a long download is not an idle connection.
+        self.resetTimeout()
+        if self._transfer is not None:
+            self._pump()
+        self._process()
+
+    def stopProducing(self) -> None:
+        self._end_transfer()
 
     def state_COMMAND(self, line: bytes) -> None:
         verb, _, rest = line.partition(b" ")
@@ -234,7 +282,12 @@ class POP3Session(pop3.POP3):
         self._wait(d)
 
     def _logged_in(self, result, method: str) -> None:
-        _, self.mbox, self._onLogout = result
+        _, mbox, logout = result
+        if self._lost:
+            # Gone while the password was checked: nobody will log out.
+            logout()
+            return
+        self.mbox, self._onLogout = mbox, logout
         self.user = self.mbox.address
         self.factory.limiter.succeeded(self.client_ip)
         log.info("login: user=<{user}>, method={method}, rip=[{ip}], tls={tls}, messages={n}",
@@ -252,7 +305,7 @@ class POP3Session(pop3.POP3):
             return None
         self.factory.limiter.failed(self.client_ip)
         # One line a fail2ban filter can match (see the README).
-        log.info("auth failed: user=<{user}>, rip=[{ip}]",
+        log.info("auth failed: rip=[{ip}], user=<{user}>",
                  user=user.decode("utf-8", "replace")[:100], ip=self.client_ip)
         return task.deferLater(self.factory.clock, self.factory.config.auth.failure_delay,
                                self.failResponse, b"[AUTH] Authentication failed")
@@ -267,9 +320,13 @@ class POP3Session(pop3.POP3):
         self.failResponse(b"No such message")
         return None
 
+    def _live(self) -> list[int]:
+        """Indexes of the messages not marked deleted (RFC 1939 5: the others are not listed)."""
+        return [i for i in range(len(self.mbox.messages)) if i not in self.mbox.deleted]
+
     def do_STAT(self) -> None:
-        sizes = [s for s in self.mbox.listMessages() if s]
-        self.successResponse(b"%d %d" % (len(sizes), sum(sizes)))
+        live = self._live()
+        self.successResponse(b"%d %d" % (len(live), sum(self.mbox.sizes[i] for i in live)))
 
     def do_LIST(self, arg: bytes | None = None) -> None:
         if arg is not None:
@@ -278,7 +335,7 @@ class POP3Session(pop3.POP3):
                 self.successResponse(b"%d %d" % (n + 1, self.mbox.sizes[n]))
             return
         lines = [b"+OK scan listing follows"]
-        lines += [b"%d %d" % (i + 1, s) for i, s in enumerate(self.mbox.listMessages()) if s]
+        lines += [b"%d %d" % (i + 1, self.mbox.sizes[i]) for i in self._live()]
         self.transport.write(b"\r\n".join([*lines, b"."]) + b"\r\n")
 
     def do_UIDL(self, arg: bytes | None = None) -> None:
@@ -288,48 +345,82 @@ class POP3Session(pop3.POP3):
                 self.successResponse(b"%d %s" % (n + 1, self.mbox.getUidl(n)))
             return
         lines = [b"+OK unique-id listing follows"]
-        lines += [b"%d %s" % (i + 1, self.mbox.getUidl(i))
-                  for i in range(len(self.mbox.messages)) if i not in self.mbox.deleted]
+        lines += [b"%d %s" % (i + 1, self.mbox.getUidl(i)) for i in self._live()]
         self.transport.write(b"\r\n".join([*lines, b"."]) + b"\r\n")
 
     def do_RETR(self, arg: bytes) -> None:
         n = self._index(arg)
         if n is not None:
-            self._send(n, None)
+            self._start_transfer(n, None)
 
     def do_TOP(self, arg: bytes, lines: bytes) -> None:
-        if not _NUMBER.match(lines):
+        if not _COUNT.match(lines):
             self.failResponse(b"Invalid line count")
             return
         n = self._index(arg)
         if n is not None:
-            self._send(n, int(lines))
+            self._start_transfer(n, int(lines))
 
-    def _send(self, n: int, top_lines: int | None) -> None:
+    def _start_transfer(self, n: int, top_lines: int | None) -> None:
         try:
-            with self.mbox.getMessage(n) as f:
-                data = f.read()
+            # RETR reads in large chunks and needs no buffer; TOP reads lines.
+            f = self.mbox.getMessage(n, 0 if top_lines is None else -1)
         except OSError:
             self.failResponse(b"[SYS/TEMP] Message no longer available")
             return
         if top_lines is None:
-            wire = to_wire(data)
-            head = b"+OK %d octets" % len(wire)
+            # The size LIST gave, as RFC 1939 7's example shows.
+            head = b"+OK %d octets\r\n" % self.mbox.sizes[n]
+            self._transfer = _Transfer(n, f, message_chunks(f), retr=True)
         else:
-            wire = to_wire(top_of(data, top_lines))
-            head = b"+OK top of message follows"
-        if wire and not wire.endswith(b"\r\n"):
-            wire += b"\r\n"
-        self.transport.write(head + b"\r\n" + wire + b".\r\n")
-        if top_lines is None:
+            head = b"+OK top of message follows\r\n"
+            self._transfer = _Transfer(n, f, top_chunks(f, top_lines), retr=False)
+        self._pump(head)
+
+    def _pump(self, pending: bytes = b"") -> None:
+        """Send the transfer on until it ends or the send buffer is full.
+
+        Writes are gathered to about CHUNK octets, so a small message is
+        one write with its status line and terminator.
+        """
+        t = self._transfer
+        try:
+            while not self._output_paused:
+                chunk = next(t.chunks, None)
+                if chunk is None:
+                    self.transport.write(pending + t.encoder.finish() + b".\r\n")
+                    self._finish_transfer(t)
+                    return
+                pending += t.encoder.feed(chunk)
+                if len(pending) >= CHUNK:
+                    self.transport.write(pending)
+                    pending = b""
+        except OSError as e:
+            # Part of the answer is sent; no -ERR can follow it. Closing makes
+            # the client retry later rather than keep a truncated message.
+            log.warn("read error sending a message of {user}: {err}", user=self.user, err=e)
+            self._end_transfer()
+            self.transport.abortConnection()
+            return
+        if pending:
+            self.transport.write(pending)
+
+    def _finish_transfer(self, t: _Transfer) -> None:
+        self._end_transfer()
+        if t.retr:
             self._stats["retr"] += 1
-            self._stats["retr_bytes"] += len(wire)
+            self._stats["retr_bytes"] += t.encoder.size
             try:
-                self.mbox.mark_seen(n)
+                self.mbox.mark_seen(t.index)
             except OSError as e:
                 log.warn("cannot flag {user} message as seen: {err}", user=self.user, err=e)
         else:
             self._stats["top"] += 1
+
+    def _end_transfer(self) -> None:
+        if self._transfer is not None:
+            self._transfer.file.close()
+            self._transfer = None
 
     def do_DELE(self, arg: bytes) -> None:
         n = self._index(arg)
@@ -349,14 +440,20 @@ class POP3Session(pop3.POP3):
     def do_QUIT(self) -> None:
         if self.mbox is None:
             self.successResponse(b"Bye")
+            self.transport.loseConnection()
+            return
+        try:
+            removed = self.mbox.sync()
+        except OSError as e:
+            log.warn("cannot delete messages of {user}: {err}", user=self.user, err=e)
+            reply = b"-ERR [SYS/TEMP] Some deleted messages were not removed\r\n"
         else:
-            try:
-                removed = self.mbox.sync()
-            except OSError as e:
-                log.warn("cannot delete messages of {user}: {err}", user=self.user, err=e)
-                self.failResponse(b"[SYS/TEMP] Some deleted messages were not removed")
-            else:
-                self.successResponse(b"Bye, %d message(s) deleted" % removed)
+            reply = b"+OK Bye, %d message(s) deleted\r\n" % removed
+        # Unlock before answering: a client that logs in again as soon as
+        # it reads the reply must not find its own old session in the way.
+        logout, self._onLogout = self._onLogout, None
+        logout()
+        self.transport.write(reply)
         self.transport.loseConnection()
 
 

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -69,28 +70,57 @@ def parse_name(subdir: str, name: str, st_size: int) -> StoredMessage | None:
 
 
 class Folder(Maildir):
-    """A Maildir (INBOX or a Maildir++ subfolder) seen as a list of messages."""
+    """A Maildir (INBOX or a Maildir++ subfolder) seen as a list of messages.
+
+    Each operation walks from the mail root to the folder (one ``open`` with
+    O_NOFOLLOW per level), unless ``hold`` keeps ``new/`` and ``cur/`` open:
+    a POP3 session does that, so a RETR costs one ``open`` of the file. The
+    held descriptors stay on the directories they were opened on, so a
+    symlink planted later on the path changes nothing either (MD-4).
+    """
+
+    _held: dict[str, int] | None = None
+
+    def hold(self) -> None:
+        """Keep ``new/`` and ``cur/`` open until ``release``."""
+        if self._held is not None:
+            return
+        held: dict[str, int] = {}
+        top = self._open(create=True)
+        try:
+            for sub in ("new", "cur"):
+                held[sub] = self._subdir(top, sub)
+        except BaseException:
+            for fd in held.values():
+                os.close(fd)
+            raise
+        finally:
+            os.close(top)
+        self._held = held
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        for fd in (held or {}).values():
+            os.close(fd)
+
+    def _dir(self, sub: str, create: bool = False):
+        """A context giving a descriptor of ``new/`` or ``cur/``: the held one,
+        or one opened for the operation and closed after it."""
+        if self._held is not None:
+            return nullcontext(self._held[sub])
+        return _OpenedDir(self, sub, create)
 
     def scan(self) -> list[StoredMessage]:
         """All messages in ``new/`` and ``cur/``, oldest first."""
-        top = self._open(create=True)
         messages = []
-        try:
-            for sub in ("new", "cur"):
-                fd = self._subdir(top, sub)
-                try:
-                    with os.scandir(fd) as entries:
-                        for entry in entries:
-                            if not entry.is_file(follow_symlinks=False):
-                                continue
-                            msg = parse_name(sub, entry.name,
-                                             entry.stat(follow_symlinks=False).st_size)
-                            if msg is not None:
-                                messages.append(msg)
-                finally:
-                    os.close(fd)
-        finally:
-            os.close(top)
+        for sub in ("new", "cur"):
+            with self._dir(sub, create=True) as fd, os.scandir(fd) as entries:
+                for entry in entries:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    msg = parse_name(sub, entry.name, entry.stat(follow_symlinks=False).st_size)
+                    if msg is not None:
+                        messages.append(msg)
         messages.sort(key=lambda m: (m.arrival, m.base))
         return messages
 
@@ -101,11 +131,17 @@ class Folder(Maildir):
                 return msg
         return None
 
-    def open_message(self, msg: StoredMessage) -> BinaryIO:
-        """Open a message for reading; follows a rename by another session."""
+    def open_message(self, msg: StoredMessage, buffering: int = -1) -> BinaryIO:
+        """Open a message for reading; follows a rename by another session.
+
+        ``buffering=0`` gives the unbuffered file, cheaper for reading the
+        whole message in large chunks.
+        """
         for _ in range(3):
             try:
-                return self._open_file(msg)
+                with self._dir(msg.subdir) as sub:
+                    fd = os.open(msg.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sub)
+                return os.fdopen(fd, "rb", buffering)
             except FileNotFoundError:
                 found = self.find(msg.base)
                 if found is None:
@@ -113,40 +149,30 @@ class Folder(Maildir):
                 msg = found
         raise FileNotFoundError(errno.ENOENT, "message keeps moving", msg.base)
 
-    def _open_file(self, msg: StoredMessage) -> BinaryIO:
-        top = self._open(create=False)
-        try:
-            sub = self._subdir(top, msg.subdir)
-            try:
-                fd = os.open(msg.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sub)
-            finally:
-                os.close(sub)
-        finally:
-            os.close(top)
-        return os.fdopen(fd, "rb")
-
     def set_flags(self, msg: StoredMessage, flags: str) -> StoredMessage:
-        """Move the message to ``cur/`` with exactly ``flags`` (sorted letters)."""
-        flags = "".join(sorted(set(flags)))
-        stem = msg.name.split(":", 1)[0]
-        new_name = f"{stem}:2,{flags}"
+        """Move the message to ``cur/`` with exactly ``flags`` (IMAP ``STORE FLAGS``)."""
+        return self._rename_flags(msg, lambda current: flags)
+
+    def add_flags(self, msg: StoredMessage, flags: str) -> StoredMessage:
+        """Move the message to ``cur/`` with ``flags`` added to those it has now.
+
+        "Now" is read again if another session renamed the file since
+        ``msg`` was scanned, so flags it set meanwhile are kept.
+        """
+        return self._rename_flags(msg, lambda current: current + flags)
+
+    def _rename_flags(self, msg: StoredMessage, compute) -> StoredMessage:
         for _ in range(3):
+            flags = "".join(sorted(set(compute(msg.flags))))
+            new_name = f"{msg.name.split(':', 1)[0]}:2,{flags}"
             if msg.subdir == "cur" and msg.name == new_name:
                 return msg
-            top = self._open(create=False)
             try:
-                src = self._subdir(top, msg.subdir)
-                dst = self._subdir(top, "cur")
-                try:
+                with self._dir(msg.subdir) as src, self._dir("cur") as dst:
                     os.rename(msg.name, new_name, src_dir_fd=src, dst_dir_fd=dst)
-                    return StoredMessage(msg.base, "cur", new_name, msg.size, msg.wsize, flags)
-                except FileNotFoundError:
-                    pass
-                finally:
-                    os.close(src)
-                    os.close(dst)
-            finally:
-                os.close(top)
+                return StoredMessage(msg.base, "cur", new_name, msg.size, msg.wsize, flags)
+            except FileNotFoundError:
+                pass
             found = self.find(msg.base)
             if found is None:
                 raise FileNotFoundError(errno.ENOENT, "message was removed", msg.base)
@@ -156,18 +182,12 @@ class Folder(Maildir):
     def delete(self, msg: StoredMessage) -> bool:
         """Remove a message; False if it was already gone."""
         for _ in range(3):
-            top = self._open(create=False)
             try:
-                sub = self._subdir(top, msg.subdir)
-                try:
+                with self._dir(msg.subdir) as sub:
                     os.unlink(msg.name, dir_fd=sub)
-                    return True
-                except FileNotFoundError:
-                    pass
-                finally:
-                    os.close(sub)
-            finally:
-                os.close(top)
+                return True
+            except FileNotFoundError:
+                pass
             found = self.find(msg.base)
             if found is None:
                 return False
@@ -192,6 +212,23 @@ class Folder(Maildir):
             os.close(fd)
             raise MailboxInUse(name) from None
         return fd
+
+
+class _OpenedDir:
+    """``new/`` or ``cur/`` of a Folder that holds nothing, open for one ``with``."""
+
+    def __init__(self, folder: Folder, sub: str, create: bool):
+        top = folder._open(create=create)
+        try:
+            self.fd = folder._subdir(top, sub)
+        finally:
+            os.close(top)
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
 
 
 def user_inbox(maildir: Maildir) -> Folder:
