@@ -275,10 +275,10 @@ class DNSBLPolicy:
 class RateLimitPolicy:
     #: The counting window, in seconds.
     window: float = 60.0
-    #: Per client address and window; 0 turns a limit off.
+    #: Per client address and window; 0 turns a limit off. (Failed logins per
+    #: address are limited for every protocol by [auth] max_failures_per_ip.)
     max_connections: int = 60
     max_messages: int = 120
-    max_auth_failures: int = 0
     #: Recipients per message for unauthenticated clients (0: only smtp.max_recipients).
     max_recipients: int = 0
 
@@ -630,7 +630,7 @@ def _check_policy(policy: PolicyConfig) -> list[str]:
         problems.append("policy.greylist.ipv4_prefix: must be between 8 and 32")
     if not 16 <= policy.greylist.ipv6_prefix <= 128:
         problems.append("policy.greylist.ipv6_prefix: must be between 16 and 128")
-    for key in ("max_connections", "max_messages", "max_auth_failures", "max_recipients"):
+    for key in ("max_connections", "max_messages", "max_recipients"):
         if getattr(policy.ratelimit, key) < 0:
             problems.append(f"policy.ratelimit.{key}: must not be negative")
     for zone in policy.dnsbl.zones:

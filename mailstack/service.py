@@ -25,6 +25,7 @@ from mailstack.auth.users import Users
 from mailstack.config import Config, Listener
 from mailstack.queue.local import LocalDelivery
 from mailstack.dns import Resolver
+from mailstack.policy.chain import build_chain
 from mailstack.imap.server import IMAPFactory, open_account
 from mailstack.pop3.mailbox import Maildrop
 from mailstack.pop3.server import POP3Factory
@@ -93,6 +94,8 @@ class MailstackService(MultiService):
         self.spool.open()
         self.tls_context = tls.server_context(config.tls)
         self.resolver = Resolver(config.dns, self.run_blocking)
+        #: Inbound checks (SPF, DKIM, DMARC, greylisting, ...) for the mx listeners.
+        self.policy = build_chain(config, self.resolver, reactor, self.run_blocking)
         self.outbound = OutboundRunner(config, self.spool, self.resolver, reactor,
                                        self.run_blocking, tls.client_context(config.outbound),
                                        self.notify_sender)
@@ -138,7 +141,8 @@ class MailstackService(MultiService):
                                self.tls_context, spec.implicit_tls)
         return SMTPFactory(self.config, spec.role, self.directory, self.spool, self.queued,
                            self.run_blocking, self.tls_context, spec.implicit_tls,
-                           self.portal, self.auth_limiter, self.reactor)
+                           self.portal, self.auth_limiter, self.reactor,
+                           policy=self.policy if spec.role == "mx" else None)
 
     def _open_maildrop(self, address: str) -> Deferred:
         """The POP3 avatar: the locked INBOX snapshot, built off the reactor."""
@@ -245,6 +249,7 @@ class MailstackService(MultiService):
             self.imap_watcher.stop()
             self.local.stop()
             self.pool.stop()
+            self.policy.close()
             self.spool.close()
             return result
 

@@ -87,7 +87,7 @@ class IMAPTestCase(unittest.TestCase):
                     **self.sections}
         self.instance = Instance(self.mktemp(), listen=self.listen, sections=sections)
         self.instance.start()
-        self.addCleanup(self.instance.stop)
+        self.addCleanup(lambda: self.instance.stop() if self.instance.service.running else None)
         self.port = self.instance.port("imap")
         self.tls_port = self.instance.port("imaps")
         self._clients: list = []

@@ -300,8 +300,53 @@ class ConfigTests(unittest.TestCase):
             self.assertTrue(any(p.startswith(expected) for p in problems),
                             f"{expected!r} not in {problems}")
 
+    def test_the_samples(self):
+        etc = Path(__file__).resolve().parent.parent / "etc"
+        from mailstack.config import PolicyConfig, load
+        # The production sample shows the defaults (keys documented there).
+        self.assertEqual(load(etc / "mailstack.toml").policy, PolicyConfig())
+        dev = load(etc / "mailstack.dev.toml").policy
+        self.assertEqual(dev.trusted_networks, ("127.0.0.1/32",))
+
     def test_paths_are_relative_to_the_config_file(self):
         config = from_dict({"policy": {"state_dir": "state", "lists": {"file": "lists"}}},
                            "/etc/mailstack/mailstack.toml")
         self.assertEqual(config.policy.state_dir, Path("/etc/mailstack/state"))
         self.assertEqual(config.policy.lists.file, Path("/etc/mailstack/lists"))
+
+
+class ReadmeExampleTests(unittest.TestCase):
+    """The README's "Writing a policy checker" example works as printed."""
+
+    def setUp(self):
+        import re
+        import sys
+        import tomllib
+        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+        section = readme.split("## Writing a policy checker", 1)[1].split("\n## ", 1)[0]
+        code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+        toml = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir(parents=True)
+        (folder / "example_filters.py").write_text(code)
+        sys.path.insert(0, str(folder))
+        self.addCleanup(sys.path.remove, str(folder))
+        self.addCleanup(sys.modules.pop, "example_filters", None)
+        raw = tomllib.loads(toml)
+        raw["policy"]["checkers"] = ["example_filters.SubjectChecker"]
+        raw["server"] = {"spool_dir": str(folder / "spool")}
+        config = from_dict(raw, folder / "mailstack.toml")
+        self.chain = build_chain(config, None, task.Clock(), immediate)
+
+    @defer.inlineCallbacks
+    def test_it_refuses_and_quarantines(self):
+        policy = self.chain.session("192.0.2.1")
+        reply = yield policy.mail("Spammer@example.net")
+        self.assertEqual((reply.code, reply.enhanced), (550, "5.7.1"))
+        yield policy.mail("friend@example.org")
+        outcome = yield policy.end_of_data(buffer_of(
+            b"From: friend@example.org\r\nSubject: You won the LOTTERY\r\n\r\nhi"))
+        self.assertEqual(outcome.folder, ".Junk")
+        yield policy.mail("friend@example.org")
+        outcome = yield policy.end_of_data(buffer_of(b"Subject: lunch?\r\n\r\nhi"))
+        self.assertEqual(outcome.folder, "")

@@ -119,7 +119,7 @@ class RateLimitTests(unittest.TestCase):
     def setUp(self):
         self.clock = task.Clock()
         settings = RateLimitPolicy(window=60, max_connections=2, max_messages=2,
-                                   max_recipients=2, max_auth_failures=3)
+                                   max_recipients=2)
         self.checker = RateLimitChecker(settings, environment(None, ".", self.clock))
         self.chain = Chain([self.checker], environment(None, ".", self.clock))
 
@@ -146,17 +146,6 @@ class RateLimitTests(unittest.TestCase):
         reply = yield policy.mail("a@x.test")
         self.assertEqual(status(reply), "451 4.7.1")
         self.assertIn("Too many messages", reply.text)
-
-    @defer.inlineCallbacks
-    def test_auth_failures_close_the_door_for_the_window(self):
-        policy = self.chain.session("192.0.2.5")
-        for _ in range(3):
-            policy.auth_failed()
-        reply = yield self.chain.session("192.0.2.5").connect()
-        self.assertEqual(status(reply), "421 4.7.0")
-        self.assertIn("failed logins", reply.text)
-        self.clock.advance(61)
-        self.assertIsNone((yield self.chain.session("192.0.2.5").connect()))
 
     def test_the_table_is_bounded(self):
         self.checker.connections.max_entries = 10

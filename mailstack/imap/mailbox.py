@@ -44,6 +44,9 @@ class SelectedMailbox:
         self.modseq = index.modseq
         self.recent: set[int] = set() if readonly else index.claim_recent()
         self._reported: dict[int, str] = {}
+        #: The view still holds messages expunged meanwhile (not yet reported).
+        self._stale = False
+        self._flag_cache: dict[tuple, bytes] = {}
         self._keywords = list(index.keywords)
         self.listeners: list = []
 
@@ -60,7 +63,14 @@ class SelectedMailbox:
         return flags
 
     def flags_response(self, uid: int) -> bytes:
-        return b"FLAGS (" + " ".join(self.flags(uid)).encode("utf-8") + b")"
+        entry = self.index.entries.get(uid)
+        key = (entry.msg.flags if entry else "", uid in self.recent, len(self.index.keywords))
+        value = self._flag_cache.get(key)
+        if value is None:
+            value = b"FLAGS (" + " ".join(self.flags(uid)).encode("utf-8") + b")"
+            if len(self._flag_cache) < 4096:
+                self._flag_cache[key] = value
+        return value
 
     # -- sequence sets --------------------------------------------------------
     def resolve(self, ranges, uid: bool, strict: bool = True) -> list[tuple[int, int]]:
@@ -119,7 +129,7 @@ class SelectedMailbox:
         old = self.uids
         entries = index.entries
         if expunge:
-            if changed is None:
+            if changed is None or self._stale:
                 gone = [i for i, u in enumerate(old) if u not in entries]
             else:
                 gone = sorted(i for u in changed if u not in entries
@@ -131,14 +141,18 @@ class SelectedMailbox:
                 dropped = {old[i] for i in gone}
                 self.recent -= dropped
             view = index.uids
+            self._stale = False
         else:
+            # Expunges wait for a command that may report them; remember that they do.
+            if changed is None or any(u not in entries for u in changed):
+                self._stale = True
             last = old[-1] if old else 0
             view = old + index.uids[bisect.bisect_right(index.uids, last):] \
                 if index.uids and index.uids[-1] > last else old
         new = len(view) - bisect.bisect_right(view, old[-1] if old else 0)
         if new and not self.readonly:
             self.recent |= index.claim_recent()
-        if new or len(view) != len(old):
+        if new:
             lines.append(b"* %d EXISTS" % len(view))
         if new:
             lines.append(b"* %d RECENT" % len(self.recent))

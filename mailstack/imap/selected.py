@@ -97,13 +97,24 @@ class SelectedCommands:
 
     def _fetch_lines(self, mbox, pairs, items, with_uid):
         buffer, size = [], 0
+        names = [i.name for i in items]
+        # The common resync of a client, (UID FLAGS), from the index alone.
+        quick = set(names) <= {b"UID", b"FLAGS"} and b"FLAGS" in names
+        entries = mbox.index.entries
         for seq, u in pairs:
-            if u not in mbox.index.entries:
+            if u not in entries:
                 continue  # expunged by another session: nothing left to send
-            try:
-                line = fetch.render(mbox, seq, u, items, with_uid)
-            except (OSError, KeyError):
-                continue
+            if quick:
+                line = (b"* %d FETCH (UID %d %s)" % (seq, u, mbox.flags_response(u))
+                        if with_uid or names[0] == b"UID" else
+                        b"* %d FETCH (%s UID %d)" % (seq, mbox.flags_response(u), u)
+                        if b"UID" in names else
+                        b"* %d FETCH (%s)" % (seq, mbox.flags_response(u)))
+            else:
+                try:
+                    line = fetch.render(mbox, seq, u, items, with_uid)
+                except (OSError, KeyError):
+                    continue
             buffer.append(line)
             size += len(line)
             if size > _CHUNK:

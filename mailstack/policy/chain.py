@@ -181,15 +181,6 @@ class SessionPolicy:
         """SMTP AUTH succeeded: the chain no longer applies to this session."""
         self.conn.user = user
 
-    def auth_failed(self) -> None:
-        """An SMTP AUTH attempt failed (counted by checkers that limit them)."""
-        if self.conn.trusted:
-            return
-        for checker in self.chain.checkers:
-            hook = getattr(checker, "auth_failed", None)
-            if hook is not None:
-                hook(self.conn)
-
     def mail(self, sender: str) -> Deferred:
         self.txn = Transaction(sender, results=self._connect_results + self._helo_results)
         txn = self.txn

@@ -17,6 +17,7 @@ clients or senders are never greylisted.
 from __future__ import annotations
 
 import ipaddress
+import math
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -145,4 +146,4 @@ class GreylistChecker(Checker):
         if wait <= 0:
             return CONTINUE
         # RFC 6647 2.1: a temporary failure; say when a retry will pass.
-        return defer(f"Greylisted, please try again in {int(wait) + 1} seconds", "4.7.1")
+        return defer(f"Greylisted, please try again in {math.ceil(wait)} seconds", "4.7.1")

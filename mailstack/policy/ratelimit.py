@@ -4,12 +4,14 @@
   gets ``421 4.7.0`` and the connection is closed (RFC 5321 3.8);
 * messages (at MAIL FROM, Postfix's "message delivery requests"): over
   ``max_messages`` -> ``451 4.7.1``;
-* failed logins: a client with ``max_auth_failures`` in the window gets
-  ``421 4.7.0`` at connect until they age out (the SMTP session reports
-  failures with ``SessionPolicy.auth_failed``);
 * recipients per message (at RCPT TO): past ``max_recipients`` ->
   ``452 4.5.3`` (RFC 5321 4.5.3.1.10: the client sends the rest in another
   transaction).
+
+Failed logins per address are limited where logins happen, for SMTP
+submission, IMAP and POP3 alike (``[auth] max_failures_per_ip``,
+``mailstack.auth.limiter``); the inbound mx sessions this chain serves offer
+no AUTH.
 
 Counters live in memory (a restart resets them) in a table of at most
 ``max_entries`` addresses, least recently seen forgotten first, so a client
@@ -66,7 +68,6 @@ class RateLimitChecker(Checker):
         self.env = env
         self.connections = SlidingWindow(settings.window, env.clock)
         self.messages = SlidingWindow(settings.window, env.clock)
-        self.auth_failures = SlidingWindow(settings.window, env.clock)
 
     def _seconds(self) -> str:
         return f"{self.settings.window:g} seconds"
@@ -74,10 +75,6 @@ class RateLimitChecker(Checker):
     def connect(self, conn: Connection) -> Deferred:
         s = self.settings
         ip = conn.client_ip
-        if s.max_auth_failures and self.auth_failures.count(ip) >= s.max_auth_failures:
-            return succeed(Verdict(Action.DEFER, 421, "4.7.0",
-                                   f"Too many failed logins from [{ip}] in the last "
-                                   f"{self._seconds()}, try again later"))
         if s.max_connections and self.connections.hit(ip) > s.max_connections:
             return succeed(Verdict(Action.DEFER, 421, "4.7.0",
                                    f"Too many connections from [{ip}] in the last "
@@ -99,6 +96,3 @@ class RateLimitChecker(Checker):
             return succeed(defer(f"Too many recipients for one message (limit {limit}); "
                                  "send the rest in another message", "4.5.3", 452))
         return succeed(CONTINUE)
-
-    def auth_failed(self, conn: Connection) -> None:
-        self.auth_failures.hit(conn.client_ip)

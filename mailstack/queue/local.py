@@ -66,14 +66,16 @@ class LocalDelivery:
             if not rcpt.local:
                 continue
             started = time.time()
-            maildir = self.mail_root.maildir(rcpt.address)
+            # A quarantined message goes to the recipient's .Junk folder.
+            maildir = self.mail_root.maildir(rcpt.address, rcpt.folder)
             base = delivery_base(envelope.arrival, envelope.id, index, self.hostname)
             try:
                 if replay and maildir.has_delivery(base):
                     result = "already delivered before restart"
                 else:
                     maildir.deliver(source, base, envelope.size, envelope.wsize)
-                    result = "delivered to maildir"
+                    result = "delivered to maildir" + (
+                        f" folder {rcpt.folder}" if rcpt.folder else "")
             except OSError as e:
                 failed = True
                 log.warn("{id}: to=<{to}>, orig_to=<{orig}>, relay=local, delay={delay:.2f}, "

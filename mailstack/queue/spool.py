@@ -58,6 +58,8 @@ class Recipient:
     next_attempt: float = 0.0
     reply: str = ""
     relay: str = ""
+    #: Local delivery: the Maildir++ folder ("" for INBOX, ".Junk" for quarantine).
+    folder: str = ""
 
 
 @dataclass

@@ -25,7 +25,7 @@ class SMTPFactory(ServerFactory):
     def __init__(self, config: Config, role: str, directory: Directory, spool: Spool,
                  queued: Callable[[Envelope], object], run_blocking: Callable[..., Deferred],
                  tls_context=None, implicit_tls: bool = False, portal=None,
-                 auth_limiter=None, clock=None):
+                 auth_limiter=None, clock=None, policy=None):
         self.config = config
         self.hostname = config.server.hostname
         self.role = role
@@ -41,6 +41,8 @@ class SMTPFactory(ServerFactory):
         self.portal = portal
         self.auth_limiter = auth_limiter
         self.clock = clock
+        #: The inbound policy chain (mailstack.policy.chain.Chain), mx role only.
+        self.policy = policy
         self._sessions: set[Session] = set()
         self._per_ip: dict[str, int] = {}
 

@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 
 from mailstack.queue.spool import Envelope, MessageWriter, Recipient, new_queue_id
 from mailstack.queue.dkimsign import load_keys, sign
+from mailstack.policy.message import MessageBuffer
 from mailstack.smtp import reply, submission
 from mailstack.smtp.address import AddressSyntax, Mailbox, parse_path_and_params
 from mailstack.smtp.framing import DataReader, Line, LineSplitter
@@ -75,6 +76,9 @@ class Transaction:
     completer: submission.HeaderCompleter | None = None
     #: Submission: the domain of the From address (whose DKIM keys sign).
     from_domain: str = ""
+    #: Inbound with the policy chain: the message is held here for the
+    #: end-of-data checks, whose results go in front of it.
+    checked: MessageBuffer | None = None
 
     @property
     def sender_text(self) -> str:
@@ -93,6 +97,10 @@ class Session(Protocol, TimeoutMixin):
         self.user: str | None = None
         self._sasl: submission.SaslExchange | None = None
         self._auth_failures = 0
+        #: The policy chain for this session (mx role), and the 554 it gave
+        #: at connect: then only QUIT is served (RFC 5321 3.1).
+        self.policy = None
+        self.refused: Reply | None = None
         self.errors = 0
         self.closing = False
         self._busy = False
@@ -115,7 +123,40 @@ class Session(Protocol, TimeoutMixin):
             return
         log.info("connect from [{ip}]:{port}", ip=self.client_ip, port=self.client_port)
         self.setTimeout(self.limits.idle_timeout)
-        self.reply(Reply(220, "", f"{self.factory.hostname} ESMTP mailstack"))
+        if self.factory.policy is not None:
+            self.policy = self.factory.policy.session(self.client_ip, self.client_port, self.tls)
+            if self.policy.active:
+                self._wait_for(self.policy.connect().addCallback(self._greet))
+                return
+        self._greet(None)
+
+    def _greet(self, refusal: Reply | None) -> None:
+        if refusal is None:
+            self.reply(Reply(220, "", f"{self.factory.hostname} ESMTP mailstack"))
+            return
+        log.info("reject: connect from [{ip}]: {code} {enhanced} {text}", ip=self.client_ip,
+                 code=refusal.code, enhanced=refusal.enhanced, text=refusal.text)
+        self.reply(refusal)
+        if refusal.code == 421:
+            self.close()
+        else:
+            self.refused = refusal
+
+    def _checked(self, d: Deferred, ok: Reply | None, undo=None) -> Deferred:
+        """Reply ``ok`` once the policy stage ``d`` passes, else its refusal
+        (``undo`` runs first); 421 closes the connection."""
+        def decided(refusal: Reply | None):
+            if refusal is None:
+                if ok is not None:
+                    self.reply(ok() if callable(ok) else ok)
+                return
+            if undo is not None:
+                undo()
+            self.reply(refusal)
+            if refusal.code == 421:
+                self.close()
+
+        return d.addCallback(decided)
 
     def connectionLost(self, reason: Failure = None) -> None:
         # A commit still pending must not restart the idle timer or run
@@ -203,6 +244,9 @@ class Session(Protocol, TimeoutMixin):
             self.reply(reply.HTTP_COMMAND)
             self.close()
             return
+        if self.refused is not None and verb != b"QUIT":
+            self.reply(Reply(503, "5.5.1", "Error: service refused at connect, send QUIT"))
+            return
         if handler is None:
             self._count("unknown")
             self.reply(reply.UNKNOWN_COMMAND if _VERB.match(verb) else reply.SYNTAX)
@@ -244,9 +288,12 @@ class Session(Protocol, TimeoutMixin):
         self.helo = arg.decode("ascii")
         self.esmtp = esmtp
         greeting = f"{self.factory.hostname} Hello {self.helo} [{self.client_ip}]"
-        if not esmtp:
-            return Reply(250, "", greeting)
-        return Reply(250, "", "\n".join([greeting, *self.extensions()]))
+        answer = Reply(250, "", greeting if not esmtp else
+                       "\n".join([greeting, *self.extensions()]))
+        if self.policy is not None and self.policy.active:
+            return self._checked(self.policy.helo(self.helo), answer,
+                                 undo=lambda: setattr(self, "helo", None))
+        return answer
 
     def extensions(self) -> list[str]:
         """What EHLO advertises: only what this session really does."""
@@ -418,7 +465,15 @@ class Session(Protocol, TimeoutMixin):
             return Reply(553, "5.7.1", f"<{sender or ''}>: Sender address rejected: "
                                        f"not owned by user {self.user}")
         self.transaction = Transaction(sender)
+        if self.policy is not None and self.policy.active:
+            return self._checked(self.policy.mail(self.transaction.sender_text),
+                                 Reply(250, "2.1.0", "Ok"), undo=self._refuse_mail)
         return Reply(250, "2.1.0", "Ok")
+
+    def _refuse_mail(self) -> None:
+        log.info("NOQUEUE: reject: MAIL from [{ip}] by policy; from=<{sender}> helo=<{helo}>",
+                 ip=self.client_ip, sender=self.transaction.sender_text, helo=self.helo)
+        self._abort_transaction()
 
     def smtp_RCPT(self, arg: bytes) -> Reply:
         t = self.transaction
@@ -454,6 +509,13 @@ class Session(Protocol, TimeoutMixin):
             return self._reject_rcpt(
                 Reply(550, "5.1.1", f"<{rcpt}>: Recipient address rejected: "
                                     "User unknown in local recipient table"), rcpt)
+        if self.policy is not None and self.policy.active:
+            d = self.policy.rcpt(rcpt)
+            d.addCallback(lambda refusal: refusal and self._reject_rcpt(refusal, rcpt))
+            return self._checked(d, lambda: self._add_recipient(t, rcpt, destinations))
+        return self._add_recipient(t, rcpt, destinations)
+
+    def _add_recipient(self, t: Transaction, rcpt: str, destinations) -> Reply:
         known = {r.address for r in t.recipients}
         for dest in destinations:
             if dest.address not in known:
@@ -494,6 +556,12 @@ class Session(Protocol, TimeoutMixin):
             t.reader = DataReader(self.limits.max_message_size, t.completer.line)
             self.splitter.set_limit(self.limits.max_text_line)
             return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+        if self.policy is not None:
+            t.checked = self.policy.message_buffer(self.factory.spool.tmp)
+        if t.checked is not None:
+            t.reader = DataReader(self.limits.max_message_size, t.checked.write_line)
+            self.splitter.set_limit(self.limits.max_text_line)
+            return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
         try:
             t.writer = self.factory.spool.writer(t.queue_id)
             self._write_trace_headers(t)
@@ -505,11 +573,13 @@ class Session(Protocol, TimeoutMixin):
         self.splitter.set_limit(self.limits.max_text_line)
         return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
-    def _write_trace_headers(self, t: Transaction, writer: MessageWriter | None = None) -> None:
+    def _write_trace_headers(self, t: Transaction, writer: MessageWriter | None = None,
+                             extra: list[str] = ()) -> None:
         writer = writer or t.writer
         writer.write_line(f"Return-Path: <{t.sender_text}>".encode())
         t.body_offset = writer.size
-        for header_line in self._received(t):
+        # Authentication-Results and Received-SPF above our Received (RFC 7208 9.1).
+        for header_line in [*extra, *self._received(t)]:
             writer.write_line(header_line.encode())
 
     def _received(self, t: Transaction) -> list[str]:
@@ -569,6 +639,12 @@ class Session(Protocol, TimeoutMixin):
             id=t.queue_id, sender=t.sender_text, recipients=t.recipients,
             arrival=time.time(), client=f"[{self.client_ip}]:{self.client_port}",
             helo=self.helo or "", body_offset=t.body_offset)
+        if t.checked is not None:
+            d = self.policy.end_of_data(t.checked)
+            d.addCallbacks(self._policy_decided, self._policy_failed, callbackArgs=(t, envelope),
+                           errbackArgs=(t,))
+            self._wait_for(d)
+            return
         if t.body is not None:
             refusal = self._check_submitted(t)
             if refusal is not None:
@@ -587,6 +663,47 @@ class Session(Protocol, TimeoutMixin):
         d.addCallbacks(self._committed, self._commit_failed,
                        callbackArgs=(t, envelope), errbackArgs=(t, writer))
         self._wait_for(d)
+
+    def _policy_decided(self, outcome, t: Transaction, envelope: Envelope) -> Deferred | None:
+        if outcome.reply is not None:
+            self._log_transaction(t, f"reject ({outcome.reply.code} {outcome.reply.enhanced} "
+                                     f"{outcome.reply.text})")
+            self._abort_transaction()
+            self.reply(outcome.reply)
+            if outcome.reply.code == 421:
+                self.close()
+            return None
+        if outcome.folder:
+            log.info("{id}: quarantined to {folder}: {reason}", id=t.queue_id,
+                     folder=outcome.folder, reason=outcome.reason)
+            for rcpt in t.recipients:
+                if rcpt.local:
+                    rcpt.folder = outcome.folder
+        d = self.factory.run_blocking(self._write_checked_and_commit, t, envelope, outcome)
+        d.addCallbacks(self._committed, self._commit_failed,
+                       callbackArgs=(t, envelope), errbackArgs=(t, None))
+        return d
+
+    def _policy_failed(self, failure: Failure, t: Transaction) -> None:
+        log.failure("{id}: policy checks failed", failure, id=t.queue_id)
+        self._log_transaction(t, "deferred (policy checks failed)")
+        self._abort_transaction()
+        self.reply(reply.LOCAL_ERROR)
+
+    def _write_checked_and_commit(self, t: Transaction, envelope: Envelope, outcome) -> None:
+        """Blocking: the trace and policy headers, then the held message
+        (without forged Authentication-Results), committed to the spool."""
+        writer = self.factory.spool.writer(t.queue_id)
+        try:
+            self._write_trace_headers(t, writer, outcome.header_lines)
+            t.checked.write_to(writer.write_line, outcome.drop)
+            envelope.body_offset = t.body_offset
+            writer.commit(envelope)
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            t.checked.close()
 
     def _check_submitted(self, t: Transaction) -> Reply | None:
         """Every From address must belong to the user (RFC 6409 8.1, AUTH-13)."""
@@ -657,4 +774,6 @@ class Session(Protocol, TimeoutMixin):
             t.writer.abort()
         if t is not None and t.body is not None:
             t.body.close()
+        if t is not None and t.checked is not None:
+            t.checked.close()
         self.splitter.set_limit(self.limits.max_command_line)

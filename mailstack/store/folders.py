@@ -400,6 +400,8 @@ class Mailboxes:
 
     def set_subscribed(self, name: str, subscribed: bool) -> None:
         name = normalize(name)
+        if name != INBOX:
+            disk_name(name)  # the same length limit as for a mailbox (MBX-6)
         top = self._top()
         try:
             with locked(top, LOCK):

@@ -158,10 +158,14 @@ class FolderIndex:
         self.modseq += 1
         self.notify()
 
-    def _list(self, top: int) -> dict[str, StoredMessage]:
-        """Every message in new/ then cur/ (in that order: a message moving from
-        new/ to cur/ during the listing is then seen at least once)."""
-        found: dict[str, StoredMessage] = {}
+    def _list(self, top: int) -> dict[str, tuple[str, str]]:
+        """base -> (subdir, name) of every file in new/ then cur/ (in that order: a
+        message moving from new/ to cur/ during the listing is seen at least once).
+
+        Names are only split here; ``parse_name`` checks a name (MD-5) when it is
+        new to the index, so an unchanged folder costs no parsing.
+        """
+        found: dict[str, tuple[str, str]] = {}
         for sub in ("new", "cur"):
             fd = self.folder._subdir(top, sub)
             try:
@@ -169,23 +173,25 @@ class FolderIndex:
             finally:
                 os.close(fd)
             for name in names:
-                msg = parse_name(sub, name, -1)
-                if msg is not None:
-                    found[msg.base] = msg
+                found[name.split(":", 1)[0].split(",", 1)[0]] = (sub, name)
         return found
 
     def _rescan(self, top: int) -> bool:
         found = self._list(top)
-        missing = [b for b in self.by_base if b not in found]
-        if missing:
+        if any(b not in found for b in self.by_base):
             # readdir() may miss a file renamed while it runs: confirm with a second look.
-            for base, msg in self._list(top).items():
-                found.setdefault(base, msg)
+            for base, item in self._list(top).items():
+                found.setdefault(base, item)
         changed = False
-        self._load_uidlist(top)
-        new = [m for b, m in found.items() if b not in self.by_base]
+        self._load_uidlist(top, found)
+        new = []
+        for base, (sub, name) in found.items():
+            if base not in self.by_base:
+                msg = parse_name(sub, name, -1)
+                if msg is not None and msg.base == base:
+                    new.append(msg)
         if new:
-            self._add(top, new)
+            self._add(top, new, found)
             changed = True
         for base in [b for b in self.by_base if b not in found]:
             uid = self.by_base.pop(base)
@@ -195,9 +201,12 @@ class FolderIndex:
         if len(self.uids) != len(self.entries):
             self.uids = [u for u in self.uids if u in self.entries]
         for uid, entry in self.entries.items():
-            msg = found[entry.msg.base]
-            if msg.name != entry.msg.name or msg.subdir != entry.msg.subdir:
-                if msg.flags != entry.msg.flags:
+            old = entry.msg
+            sub, name = found[old.base]
+            if name != old.name or sub != old.subdir:
+                msg = parse_name(sub, name, -1) or StoredMessage(
+                    old.base, sub, name, old.size, old.wsize, old.flags)
+                if msg.flags != old.flags:
                     self._log(uid)
                     changed = True
                 entry.msg = msg
@@ -206,7 +215,7 @@ class FolderIndex:
             self.modseq += 1
         return changed
 
-    def _load_uidlist(self, top: int) -> None:
+    def _load_uidlist(self, top: int, present: dict) -> None:
         stamp = stamp_at(top, UIDLIST)
         if self._uidlist is None or stamp != self._uidlist_stamp:
             uidlist, self._uidlist_stamp = load_uidlist(top)
@@ -215,7 +224,7 @@ class FolderIndex:
                     uidlist, self._uidlist_stamp = load_uidlist(top)
                     if uidlist is None:
                         uidlist = UidList(uidvalidity=self._new_uidvalidity())
-                        self._write_uidlist(top, uidlist, self._list(top))
+                        self._write_uidlist(top, uidlist, present)
             self._uidlist = uidlist
             self.uidvalidity = uidlist.uidvalidity
         self.uidnext = max(self.uidnext, self._uidlist.uidnext)
@@ -230,8 +239,11 @@ class FolderIndex:
                     del uidlist.uids[base]
         replace_at(top, UIDLIST, uidlist.render())
         self._uidlist_stamp = stamp_at(top, UIDLIST)
+        if self._file_stamps is not None:
+            # Our own write is no reason to list the folder again.
+            self._file_stamps = (self._uidlist_stamp, self._file_stamps[1])
 
-    def _add(self, top: int, new: list[StoredMessage]) -> None:
+    def _add(self, top: int, new: list[StoredMessage], present: dict) -> None:
         new.sort(key=lambda m: (m.arrival, m.base))
         unknown = [m for m in new if m.base not in self._uidlist.uids]
         if unknown:
@@ -239,12 +251,13 @@ class FolderIndex:
                 uidlist, stamp = load_uidlist(top)
                 if uidlist is None:
                     uidlist = UidList(uidvalidity=self._new_uidvalidity())
-                present = self._list(top)
                 for msg in unknown:
                     if msg.base not in uidlist.uids:
                         uidlist.uids[msg.base] = uidlist.uidnext
                         uidlist.uidnext += 1
-                self._write_uidlist(top, uidlist, present | {m.base: m for m in new})
+                # Entries missing from ``present`` are looked for again before
+                # they are dropped (files another process added meanwhile).
+                self._write_uidlist(top, uidlist, present)
                 self._uidlist = uidlist
                 self.uidvalidity = uidlist.uidvalidity
                 self.uidnext = max(self.uidnext, uidlist.uidnext)
@@ -255,8 +268,7 @@ class FolderIndex:
                 continue
             self.entries[uid] = Entry(uid, msg, self.modseq)
             self.by_base[msg.base] = uid
-            self._log(uid)
-            added.append(uid)
+            added.append(uid)  # not logged: sessions see new UIDs beyond their view
         added.sort()
         # A new list, never changed in place: sessions hold the old one as their view.
         if self.uids and added and added[0] < self.uids[-1]:
@@ -293,7 +305,7 @@ class FolderIndex:
                 claimed = {u for u in self.uids if u > uidlist.recent}
                 if claimed:
                     uidlist.recent = max(claimed)
-                    self._write_uidlist(top, uidlist, self._list(top))
+                    self._write_uidlist(top, uidlist, self.by_base)
                 self._uidlist = uidlist
                 return claimed
         finally:
@@ -347,6 +359,8 @@ class FolderIndex:
                         self.keywords.append(name)
                         lower.append(name.lower())
                     replace_at(top, KEYWORDS, render_keywords(self.keywords))
+                    if self._file_stamps is not None:
+                        self._file_stamps = (self._file_stamps[0], stamp_at(top, KEYWORDS))
             finally:
                 os.close(top)
             found = lookup()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from pathlib import Path
 from mailstack.addresses import BadAddress, canonical
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: A Maildir++ folder a delivery may target: "." and a plain name, never a path.
+_FOLDER = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9_\-]{0,63}\Z")
 # The mail root itself comes from the administrator's config and may be a
 # symlink (/var/mail -> /srv/mail); only what lies below it is suspect.
 _ROOT_FLAGS = _DIR_FLAGS & ~os.O_NOFOLLOW
@@ -83,8 +86,11 @@ class MailRoot:
                     continue
         return removed
 
-    def maildir(self, address: str) -> Maildir:
-        """The INBOX Maildir of a canonical ``local@domain`` address."""
+    def maildir(self, address: str, folder: str = "") -> Maildir:
+        """The INBOX Maildir of a canonical ``local@domain`` address, or with
+        ``folder`` one of its Maildir++ folders (``.Junk`` for quarantined mail)."""
+        if folder and not _FOLDER.match(folder):
+            raise ValueError(f"not a Maildir++ folder name: {folder!r}")
         # canonical() guarantees neither part holds "/", "\0" or "..", nor
         # starts with a dot: both become directory names (AUTH-14, MD-8).
         try:
@@ -94,7 +100,7 @@ class MailRoot:
         if not ok:
             raise ValueError(f"not a canonical address: {address!r}")
         local, _, domain = address.rpartition("@")
-        return Maildir(self.root, (domain, local, "Maildir"))
+        return Maildir(self.root, (domain, local, "Maildir") + ((folder,) if folder else ()))
 
 
 class Maildir:

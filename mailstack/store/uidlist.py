@@ -59,7 +59,7 @@ def parse_uidlist(data: bytes) -> UidList:
     """Our file or a Dovecot one (versions 1 and 3); bad lines are skipped."""
     text = data.decode("utf-8", "surrogateescape")
     lines = text.split("\n")
-    result = UidList()
+    result = UidList(recent=-1)
     head = lines[0].split() if lines else []
     if head[:1] == ["1"] and len(head) >= 3:
         # Version 1: "1 <uidvalidity> <uidnext>"
@@ -91,6 +91,9 @@ def parse_uidlist(data: bytes) -> UidList:
             result.uids[base] = uid
             top = max(top, uid)
     result.uidnext = max(result.uidnext, top + 1)
+    if result.recent < 0:
+        # Dovecot keeps \Recent in its index: what it listed was seen by some session.
+        result.recent = top
     result.recent = min(result.recent, result.uidnext - 1)
     return result
 
