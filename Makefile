@@ -21,12 +21,13 @@ run: $(STAMP)
 	$(BIN)/mailstack init --config $(DEV_CONFIG) --user demo@example.test
 	exec $(BIN)/twistd --nodaemon --pidfile= mailstack --config $(DEV_CONFIG)
 
-# External clients the interop tests drive (tests/test_pop3_interop.py);
-# installed only when missing, so a second run does nothing.
+# External clients the interop tests drive (tests/test_pop3_interop.py,
+# tests/test_imap_interop.py); installed only when missing, so a second run does nothing.
 test-deps:
-	@command -v fetchmail >/dev/null && command -v curl >/dev/null || { \
+	@command -v fetchmail >/dev/null && command -v curl >/dev/null && \
+	  command -v mbsync >/dev/null && command -v mutt >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    fetchmail curl >/dev/null; }
+	    fetchmail curl isync mutt >/dev/null; }
 
 test: $(STAMP) test-deps
 	$(BIN)/trial tests
