@@ -46,6 +46,8 @@ class DefaultsTests(unittest.SynchronousTestCase):
         self.assertEqual(loaded.listen, ())
         self.assertEqual(loaded.smtp, config.SMTPConfig())
         self.assertEqual(loaded.queue, config.QueueConfig())
+        for section in ("auth", "submission", "pop3", "dns", "outbound"):
+            self.assertEqual(getattr(loaded, section), type(getattr(loaded, section))())
         self.assertEqual(loaded.tls, config.TLSConfig())
         defaults = config.ServerConfig()
         for f in dataclasses.fields(config.ServerConfig):
@@ -192,13 +194,18 @@ class SampleConfigTests(unittest.SynchronousTestCase):
         self.assertEqual(loaded.server.mail_root, Path("/var/lib/mailstack/maildirs"))
         self.assertEqual(loaded.tls.certificate,
                          Path("/etc/letsencrypt/live/mail.example.com/fullchain.pem"))
-        self.assertEqual(loaded.listen, (Listener("smtp", "0.0.0.0", 25),))
+        self.assertEqual({(lst.protocol, lst.port) for lst in loaded.listen},
+                         {("smtp", 25), ("submission", 587), ("submissions", 465),
+                          ("pop3", 110), ("pop3s", 995)})
+        self.assertTrue(all(lst.address == "0.0.0.0" for lst in loaded.listen))
 
     def test_production_sample_shows_the_defaults(self):
         # The sample says "what is shown is the default unless marked example".
         loaded = load(ETC / "mailstack.toml")
         self.assertEqual(loaded.smtp, config.SMTPConfig())
         self.assertEqual(loaded.queue, config.QueueConfig())
+        for section in ("auth", "submission", "pop3", "dns", "outbound"):
+            self.assertEqual(getattr(loaded, section), type(getattr(loaded, section))())
         self.assertEqual(loaded.server.threads, config.ServerConfig().threads)
 
     def test_development_config_loads(self):
