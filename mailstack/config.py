@@ -121,6 +121,8 @@ class AuthConfig:
     #: further attempts are refused for the rest of the window.
     max_failures_per_ip: int = 10
     failure_window: float = 300.0
+    #: Password checks running at once (each takes argon2's 64 MiB briefly).
+    max_concurrent_checks: int = 4
 
 
 @dataclass(frozen=True)
@@ -526,6 +528,8 @@ def _check(config: Config) -> list[str]:
         problems.append("auth.failure_window: must be positive")
     if config.submission.max_auth_failures < 1:
         problems.append("submission.max_auth_failures: must be at least 1")
+    if config.auth.max_concurrent_checks < 1:
+        problems.append("auth.max_concurrent_checks: must be at least 1")
     if config.auth.max_failures_per_ip < 1:
         problems.append("auth.max_failures_per_ip: must be at least 1")
     if config.pop3.idle_timeout <= 0:

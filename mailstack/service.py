@@ -107,11 +107,12 @@ class MailstackService(MultiService):
         realm = MailRealm({IMailboxPOP3: self._open_maildrop,
                            IAccountIMAP: self._open_imap_account,
                            ISender: lambda address: (address, lambda: None)})
-        self.portal = Portal(realm, [PasswordChecker(self.users, self.run_blocking)])
+        self.portal = Portal(realm, [PasswordChecker(self.users, self.run_blocking,
+                                                     config.auth.max_concurrent_checks)])
         auth = config.auth
         #: Failed logins per client address, shared by every protocol.
         self.auth_limiter = FailureLimiter(auth.max_failures_per_ip, auth.failure_window, reactor)
-        #: POP3 sizes (CRLF, dot-stuffed) by message, so a login reads each file once.
+        #: POP3 sizes (CRLF line ends) by message, so a login reads each file once.
         self._pop3_sizes: dict[str, int] = {}
         self.listeners: list[ListenerService] = []
         for spec in config.listen:

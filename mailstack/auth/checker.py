@@ -7,7 +7,7 @@ from typing import Callable
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from zope.interface import implementer
 
 from mailstack.addresses import BadAddress, canonical
@@ -20,13 +20,18 @@ class PasswordChecker:
 
     argon2 verification is slow on purpose, so it runs in the thread pool;
     an unknown user costs the same as a wrong password (SECURITY-TESTS AUTH-6).
+    Each verification also takes argon2's memory (64 MiB by default) for a
+    moment, so at most ``max_concurrent`` run at once: a flood of logins
+    waits in line instead of taking a gigabyte.
     """
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, users: Users, run_blocking: Callable[..., Deferred]):
+    def __init__(self, users: Users, run_blocking: Callable[..., Deferred],
+                 max_concurrent: int = 4):
         self.users = users
         self._run = run_blocking
+        self._slots = DeferredSemaphore(max_concurrent)
 
     def requestAvatarId(self, credentials) -> Deferred:
         try:
@@ -41,7 +46,7 @@ class PasswordChecker:
             # Still spend the time of a verification, so the reply time
             # does not tell a malformed name from a wrong password.
             address, password = "", password if isinstance(password, str) else ""
-        d = self._run(self.users.check_password, address, password)
+        d = self._slots.run(self._run, self.users.check_password, address, password)
         d.addCallback(self._result, address)
         return d
 
