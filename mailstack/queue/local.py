@@ -5,9 +5,18 @@ Each queued message is hard-linked into every local recipient's ``new/``
 removed once no recipient is left queued. Recipients on other servers stay
 queued for the outbound runner, never dropped.
 
+Deliveries are batched: messages committed while a batch is running wait
+and go together in the next one, in one thread job. A batch opens each
+Maildir once, places every message in ``new/``, fsyncs each ``new/`` once,
+and only then counts those recipients as delivered (group commit). Under
+load that is one fsync per Maildir per batch instead of one per message;
+with no load a batch is a single message, delivered at once.
+
 After a restart the spool is replayed; a delivery whose Maildir file already
 exists (found by its replay-stable base name) is not made twice, so every
-acknowledged message arrives exactly once.
+acknowledged message arrives exactly once. Such a file may have been renamed
+into ``new/`` just before the crash and not fsync'd yet, so ``new/`` is
+fsync'd before it counts as delivered, like a fresh delivery.
 """
 
 from __future__ import annotations
@@ -17,16 +26,26 @@ from typing import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailstack.queue.spool import Envelope, Spool
-from mailstack.store.maildir import MailRoot, delivery_base
+from mailstack.store.maildir import DeliveryTarget, MailRoot, delivery_base
 
 log = Logger(namespace="mailstack.local")
 
 RunBlocking = Callable[..., Deferred]
 
+#: A log line made in the delivery thread and emitted on the reactor thread:
+#: (level, format, fields).
+Record = tuple[str, str, dict]
+
 
 class LocalDelivery:
+    #: Most messages in one batch (one thread job).
+    max_batch = 256
+    #: Batches running at once (each in a pool thread).
+    max_batches = 2
+
     def __init__(self, spool: Spool, mail_root: MailRoot, hostname: str,
                  run_blocking: RunBlocking, clock, retry_delay: float = 60.0):
         self.spool = spool
@@ -36,11 +55,21 @@ class LocalDelivery:
         self._clock = clock
         self.retry_delay = retry_delay
         self._retries: dict[str, object] = {}
+        self._waiting: list[tuple[Envelope, bool, Deferred]] = []
+        #: Ids of messages in a running batch (never in two batches at once).
+        self._active: set[str] = set()
+        self._batches = 0
+        self._stopped = False
 
     def deliver(self, envelope: Envelope, replay: bool = False) -> Deferred:
-        """Deliver the local recipients of a committed message, off the reactor."""
-        d = self._run(self._deliver_blocking, envelope, replay)
-        d.addCallback(self._delivered, envelope)
+        """Deliver the local recipients of a committed message, off the reactor.
+
+        The Deferred fires (it never fails) when the attempt is over, with
+        True if a local recipient is still waiting (a retry is scheduled).
+        """
+        d = Deferred()
+        self._waiting.append((envelope, replay, d))
+        self._start_batches()
         return d
 
     def recover(self) -> list[Deferred]:
@@ -49,55 +78,145 @@ class LocalDelivery:
 
     def resume(self, envelopes: list[Envelope]) -> list[Deferred]:
         """Resume the local deliveries of envelopes found in the spool at start-up."""
+        self._stopped = False
         return [self.deliver(env, replay=True) for env in envelopes
                 if any(r.local for _, r in env.pending())]
 
     def stop(self) -> None:
+        """Start nothing more; what waits is still in the spool for the next start."""
+        self._stopped = True
         for call in self._retries.values():
             if call.active():
                 call.cancel()
         self._retries.clear()
 
-    def _deliver_blocking(self, envelope: Envelope, replay: bool) -> bool:
-        """Returns whether a local recipient is still waiting (a retry is due)."""
-        source = self.spool.message_path(envelope.id)
-        changed = failed = False
-        for index, rcpt in envelope.pending():
-            if not rcpt.local:
-                continue
-            started = time.time()
-            # A quarantined message goes to the recipient's .Junk folder.
-            maildir = self.mail_root.maildir(rcpt.address, rcpt.folder)
-            base = delivery_base(envelope.arrival, envelope.id, index, self.hostname)
-            try:
-                if replay and maildir.has_delivery(base):
-                    result = "already delivered before restart"
+    # -- batching (reactor thread) ------------------------------------------
+    def _start_batches(self) -> None:
+        while not self._stopped and self._waiting and self._batches < self.max_batches:
+            batch, rest = [], []
+            for job in self._waiting:
+                if len(batch) < self.max_batch and job[0].id not in self._active:
+                    batch.append(job)
                 else:
-                    maildir.deliver(source, base, envelope.size, envelope.wsize)
-                    result = "delivered to maildir" + (
-                        f" folder {rcpt.folder}" if rcpt.folder else "")
-            except OSError as e:
-                failed = True
-                log.warn("{id}: to=<{to}>, orig_to=<{orig}>, relay=local, delay={delay:.2f}, "
-                         "status=deferred ({reason})", id=envelope.id, to=rcpt.address,
-                         orig=rcpt.original, delay=time.time() - envelope.arrival,
-                         reason=e.strerror or str(e))
-                continue
-            rcpt.status = "sent"
-            changed = True
-            log.info("{id}: to=<{to}>, orig_to=<{orig}>, relay=local, delay={delay:.2f}, "
-                     "delays={spent:.3f}, status=sent ({result})", id=envelope.id,
-                     to=rcpt.address, orig=rcpt.original, delay=time.time() - envelope.arrival,
-                     spent=time.time() - started, result=result)
-        if not envelope.pending():
-            self.spool.remove(envelope.id)
-            log.info("{id}: removed", id=envelope.id)
-        elif changed:
-            self.spool.update(envelope)
-        return failed
+                    rest.append(job)
+            if not batch:
+                return
+            self._waiting = rest
+            jobs: dict[str, tuple[Envelope, bool]] = {}
+            for envelope, replay, _ in batch:
+                previous = jobs.get(envelope.id)
+                jobs[envelope.id] = (envelope, replay or (previous is not None and previous[1]))
+            self._active.update(jobs)
+            self._batches += 1
+            d = self._run(self._deliver_batch, list(jobs.values()))
+            d.addBoth(self._batch_done, batch, list(jobs))
 
-    def _delivered(self, failed: bool, envelope: Envelope) -> None:
+    def _batch_done(self, result, batch: list[tuple[Envelope, bool, Deferred]],
+                    ids: list[str]) -> None:
+        self._batches -= 1
+        self._active.difference_update(ids)
+        if isinstance(result, Failure):
+            log.failure("local delivery of {n} message(s) failed", result, n=len(ids))
+            failed, records = set(ids), []
+        else:
+            failed, records = result
+        for level, fmt, fields in records:
+            getattr(log, level)(fmt, **fields)
+        for envelope, _, d in batch:
+            retry = envelope.id in failed
+            self._retries.pop(envelope.id, None)
+            if retry and not self._stopped and envelope.id not in self._retries:
+                self._retries[envelope.id] = self._clock.callLater(
+                    self.retry_delay, self._retry, envelope)
+            d.callback(retry)
+        self._start_batches()
+
+    def _retry(self, envelope: Envelope) -> None:
         self._retries.pop(envelope.id, None)
-        if failed:
-            self._retries[envelope.id] = self._clock.callLater(
-                self.retry_delay, self.deliver, envelope, True)
+        self.deliver(envelope, replay=True)
+
+    # -- the work (a pool thread) -------------------------------------------
+    def _deliver_batch(self, jobs: list[tuple[Envelope, bool]]) -> tuple[set[str], list[Record]]:
+        """Deliver a batch; returns the ids still waiting for a local recipient
+        and the log lines to emit."""
+        records: list[Record] = []
+        failed: set[str] = set()
+        #: By (address, folder): a quarantined message goes to the user's .Junk.
+        targets: dict[tuple[str, str], DeliveryTarget] = {}
+        broken: dict[tuple[str, str], Exception] = {}
+        placed = []
+        try:
+            for envelope, replay in jobs:
+                source = self.spool.message_path(envelope.id)
+                for index, rcpt in envelope.pending():
+                    if not rcpt.local:
+                        continue
+                    started = time.time()
+                    try:
+                        key = (rcpt.address, rcpt.folder)
+                        target = targets.get(key)
+                        if target is None:
+                            if key in broken:
+                                raise broken[key]
+                            try:
+                                target = self.mail_root.maildir(*key).open_delivery()
+                            except (OSError, ValueError) as e:
+                                broken[key] = e
+                                raise
+                            targets[key] = target
+                        base = delivery_base(envelope.arrival, envelope.id, index, self.hostname)
+                        if replay and target.has_delivery(base):
+                            result = "already delivered before restart"
+                        else:
+                            target.place(source, base, envelope.size, envelope.wsize)
+                            result = "delivered to maildir" + (
+                                f" folder {rcpt.folder}" if rcpt.folder else "")
+                    except (OSError, ValueError) as e:
+                        failed.add(envelope.id)
+                        records.append(_deferred(envelope, rcpt, e))
+                        continue
+                    placed.append((envelope, rcpt, target, result, started))
+            # Group commit: one fsync of each new/ makes the whole batch durable.
+            for key, target in targets.items():
+                try:
+                    target.sync()
+                except OSError as e:
+                    broken[key] = e
+            for envelope, rcpt, target, result, started in placed:
+                if (rcpt.address, rcpt.folder) in broken:
+                    failed.add(envelope.id)
+                    records.append(_deferred(envelope, rcpt, broken[rcpt.address, rcpt.folder]))
+                    continue
+                rcpt.status = "sent"
+                now = time.time()
+                records.append((
+                    "info", "{id}: to=<{to}>, orig_to=<{orig}>, relay=local, delay={delay:.2f}, "
+                    "delays={spent:.3f}, status=sent ({result})",
+                    dict(id=envelope.id, to=rcpt.address, orig=rcpt.original,
+                         delay=now - envelope.arrival, spent=now - started, result=result)))
+        finally:
+            for target in targets.values():
+                target.close()
+        delivered = {id(envelope) for envelope, *_ in placed}
+        for envelope, replay in jobs:
+            try:
+                if not envelope.pending():
+                    self.spool.remove(envelope.id)
+                    records.append(("info", "{id}: removed", dict(id=envelope.id)))
+                elif id(envelope) in delivered or replay:
+                    # The outbound runner reads the envelope from disk: it must
+                    # see the local recipients done before it takes over.
+                    self.spool.update(envelope)
+            except OSError as e:
+                failed.add(envelope.id)
+                records.append(("error", "{id}: cannot update the spool entry: {err}",
+                                dict(id=envelope.id, err=e)))
+        return failed, records
+
+
+def _deferred(envelope: Envelope, rcpt, error: Exception) -> Record:
+    reason = getattr(error, "strerror", None) or str(error)
+    return ("warn", "{id}: to=<{to}>, orig_to=<{orig}>, relay=local, delay={delay:.2f}, "
+            "status=deferred ({reason})",
+            dict(id=envelope.id, to=rcpt.address, orig=rcpt.original,
+                 delay=time.time() - envelope.arrival, reason=reason))

@@ -13,6 +13,15 @@ first, envelope last: the envelope is the commit record) and ``queue/`` is
 fsync'd. Only then does SMTP answer 250. A ``.msg`` without its ``.env`` was
 never acknowledged and is removed at start-up.
 
+The fsync of ``queue/`` is a group commit (``DirectorySync``): sessions that
+commit at the same time share one directory fsync, and each one still returns
+only after an fsync that started after its own renames.
+
+A message is received into memory and written to ``tmp/`` only by the commit
+(in a pool thread), so the reactor thread makes no file-system call for it;
+only a message larger than ``MessageWriter.SPILL`` is written to ``tmp/`` as
+it arrives, so the memory held per session stays bounded.
+
 The stored message uses LF line ends and starts with the ``Return-Path`` and
 ``Received`` headers, so local delivery is a hard link of this very file;
 ``body_offset`` marks where the message proper starts (after Return-Path),
@@ -25,21 +34,30 @@ import fcntl
 import itertools
 import json
 import os
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from twisted.logger import Logger
 
 from mailstack.fsutil import fsync_dir, replace_synced, write_synced
 
+log = Logger(namespace="mailstack.spool")
 _counter = itertools.count()
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def new_queue_id(now: float | None = None) -> str:
-    """A unique id that sorts by arrival: seconds, microseconds, pid, counter (hex)."""
+    """A unique id that sorts by arrival: seconds, microseconds, pid, counter (hex).
+
+    The whole pid is in it (Linux pids fit in 6 hex digits), so two processes
+    sharing one mail root never make the same id, hence the same Maildir name.
+    """
     now = time.time() if now is None else now
     sec = int(now)
     usec = int((now - sec) * 1_000_000)
-    return f"{sec:08X}{usec:05X}{os.getpid() & 0xFFFF:04X}{next(_counter) & 0xFFF:03X}"
+    return f"{sec:08X}{usec:05X}{os.getpid():06X}{next(_counter) & 0xFFF:03X}"
 
 
 @dataclass
@@ -81,7 +99,11 @@ class Envelope:
         return [(i, r) for i, r in enumerate(self.recipients) if r.status == "queued"]
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode("utf-8")
+        # What dataclasses.asdict gives, without its deep copies (once per message).
+        raw = {name: getattr(self, name) for name in _ENVELOPE_FIELDS}
+        raw["recipients"] = [{name: getattr(r, name) for name in _RECIPIENT_FIELDS}
+                             for r in self.recipients]
+        return json.dumps(raw, sort_keys=True).encode("utf-8")
 
     @classmethod
     def from_json(cls, data: bytes) -> Envelope:
@@ -90,51 +112,182 @@ class Envelope:
         return cls(**raw)
 
 
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
+_RECIPIENT_FIELDS = tuple(f.name for f in fields(Recipient))
+
+
 class SpoolLocked(RuntimeError):
     """Another running instance owns this spool directory."""
 
 
+class DirectorySync:
+    """Group commit of one directory's fsync, shared by concurrent threads.
+
+    ``sync()`` returns once an fsync of the directory that *started after the
+    call* has completed, so every rename the caller made before calling is
+    durable. Callers that arrive while an fsync is running wait for it and
+    then share the next one: under load, one fsync covers many commits.
+    A failed fsync raises in its caller and covers no one; the others retry.
+    """
+
+    def __init__(self, path: Path, fd: int | None = None):
+        self.path = path
+        #: An open descriptor of the directory (saves an open and a close per fsync).
+        self.fd = fd
+        self._cond = threading.Condition(threading.Lock())
+        self._requested = 0
+        self._synced = 0
+        self._running = False
+
+    def sync(self) -> None:
+        with self._cond:
+            self._requested += 1
+            ticket = self._requested
+            while self._synced < ticket:
+                if not self._running:
+                    break
+                self._cond.wait()
+            else:
+                return
+            self._running = True
+            covers = self._requested
+        ok = False
+        try:
+            if self.fd is not None:
+                os.fsync(self.fd)
+            else:
+                fsync_dir(self.path)
+            ok = True
+        finally:
+            with self._cond:
+                self._running = False
+                if ok:
+                    self._synced = max(self._synced, covers)
+                self._cond.notify_all()
+
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class MessageWriter:
-    """Receives one message's bytes into ``tmp/``; committed or aborted once."""
+    """Receives one message's bytes; committed (durably queued) or aborted once.
+
+    Lines are kept in memory; the file ``tmp/<id>.msg`` is created by
+    ``commit`` (in a thread), or as soon as more than ``SPILL`` bytes are
+    held, after which the lines go to the file as they come.
+    """
+
+    #: Bytes held in memory before the message goes to ``tmp/`` as it arrives.
+    SPILL = 1 << 16
 
     def __init__(self, spool: Spool, queue_id: str):
         self.spool = spool
         self.id = queue_id
         self.path = spool.tmp / f"{queue_id}.msg"
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self._file = os.fdopen(fd, "wb", buffering=1 << 16)
+        self._parts: list[bytes] = []
+        self._held = 0
+        self._fd: int | None = None
+        self._done = False
+        self._touched = False
+        #: Bytes written so far (LF line ends) and lines of them.
         self.size = 0
-        self.lines = 0
+        self._spilled_lines = 0
+
+    @property
+    def lines(self) -> int:
+        return self._spilled_lines + len(self._parts)
 
     def write_line(self, line: bytes) -> None:
         """Append one line (without its end) followed by LF."""
-        self._file.write(line)
-        self._file.write(b"\n")
-        self.size += len(line) + 1
-        self.lines += 1
+        self._parts.append(line)
+        n = len(line) + 1
+        self.size += n
+        self._held += n
+        if self._held > self.SPILL:
+            self._spill()
+
+    def _spill(self) -> None:
+        """Move the lines held in memory to the file (creating it)."""
+        if self._fd is None:
+            self._touched = True
+            tmp_fd = self.spool._tmp_fd
+            if tmp_fd is None:
+                self._fd = os.open(self.path, _CREATE, 0o600)
+            else:
+                self._fd = os.open(self.path.name, _CREATE, 0o600, dir_fd=tmp_fd)
+        if self._parts:
+            self._parts.append(b"")
+            _write_all(self._fd, b"\n".join(self._parts))
+            self._spilled_lines += len(self._parts) - 1
+            self._parts = []
+        self._held = 0
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        """Drop the message (also after a failed commit: removes what it left in ``tmp/``)."""
+        self._parts = []
+        self._done = True
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._touched:
+            for path in (self.path, self.spool.tmp / f"{self.id}.env"):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
     def commit(self, envelope: Envelope) -> None:
-        """Make the message durable and visible in the queue (blocking: use a thread)."""
+        """Make the message durable and visible in the queue (blocking: use a thread).
+
+        Returns only when the message and its envelope are fsync'd, renamed
+        into ``queue/`` and ``queue/`` is fsync'd; raises (leaving nothing in
+        ``queue/`` but possibly an orphan ``.msg``) otherwise.
+        """
+        if self._done:
+            raise RuntimeError(f"{self.id}: message already committed or aborted")
+        self._done = True
         envelope.size = self.size
         envelope.wsize = self.size + self.lines
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            self._spill()
+            os.fsync(self._fd)
         finally:
-            self._file.close()
-        env_tmp = self.spool.tmp / f"{self.id}.env"
-        write_synced(env_tmp, envelope.to_json())
-        os.rename(self.path, self.spool.queue / f"{self.id}.msg")
-        os.rename(env_tmp, self.spool.queue / f"{self.id}.env")
-        fsync_dir(self.spool.queue)
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+        spool = self.spool
+        msg, env = f"{self.id}.msg", f"{self.id}.env"
+        if spool._tmp_fd is None:
+            write_synced(spool.tmp / env, envelope.to_json())
+            os.rename(spool.tmp / msg, spool.queue / msg)
+            os.rename(spool.tmp / env, spool.queue / env)
+        else:
+            # The same steps, relative to the open spool directories.
+            fd = os.open(env, _CREATE | os.O_TRUNC, 0o600, dir_fd=spool._tmp_fd)
+            try:
+                _write_all(fd, envelope.to_json())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(msg, msg, src_dir_fd=spool._tmp_fd, dst_dir_fd=spool._queue_fd)
+            os.rename(env, env, src_dir_fd=spool._tmp_fd, dst_dir_fd=spool._queue_fd)
+        try:
+            spool.queue_sync.sync()
+        except OSError:
+            # Not durable, so not acknowledged (the client gets a 4xx): take it
+            # back out of the queue so it is not delivered later as well.
+            for name in (env, msg):
+                try:
+                    os.unlink(spool.queue / name)
+                except OSError:
+                    pass
+            raise
 
 
 class Spool:
@@ -143,11 +296,24 @@ class Spool:
         self.tmp = self.dir / "tmp"
         self.queue = self.dir / "queue"
         self._lock_fd: int | None = None
+        #: ``tmp/`` and ``queue/`` held open by the running instance (``open``).
+        self._tmp_fd: int | None = None
+        self._queue_fd: int | None = None
+        #: Group commit of ``queue/`` (renames into it are durable after ``sync()``).
+        self.queue_sync = DirectorySync(self.queue)
 
     def ensure(self) -> None:
-        """Create the directories (owner-only access)."""
+        """Create the directories (owner-only access), durably."""
         for d in (self.dir, self.tmp, self.queue):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            missing = []
+            p = d
+            while not p.is_dir():
+                missing.append(p)
+                p = p.parent
+            if missing:
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+                for created in reversed(missing):
+                    fsync_dir(created.parent)
 
     def open(self) -> None:
         """Create the directories and take the instance lock (fails fast if held)."""
@@ -160,11 +326,17 @@ class Spool:
             raise SpoolLocked(f"{self.dir} is in use by another running mailstack; "
                               "each instance needs its own spool_dir") from None
         self._lock_fd = fd
+        self._tmp_fd = os.open(self.tmp, _DIR_FLAGS)
+        self._queue_fd = os.open(self.queue, _DIR_FLAGS)
+        self.queue_sync.fd = self._queue_fd
 
     def close(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self.queue_sync.fd = None
+        for name in ("_tmp_fd", "_queue_fd", "_lock_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
 
     def writer(self, queue_id: str) -> MessageWriter:
         return MessageWriter(self, queue_id)
@@ -182,14 +354,23 @@ class Spool:
 
     def remove(self, queue_id: str) -> None:
         """Drop a finished message: envelope first, so a crash leaves only an orphan."""
+        queue_fd = self._queue_fd
         for suffix in (".env", ".msg"):
             try:
-                os.unlink(self.queue / f"{queue_id}{suffix}")
+                if queue_fd is None:
+                    os.unlink(self.queue / f"{queue_id}{suffix}")
+                else:
+                    os.unlink(f"{queue_id}{suffix}", dir_fd=queue_fd)
             except FileNotFoundError:
                 pass
 
     def recover(self) -> list[Envelope]:
-        """Envelopes of queued messages; removes what was never acknowledged."""
+        """Envelopes of queued messages; removes what was never acknowledged.
+
+        An envelope that cannot be read is moved with its message into
+        ``corrupt/`` (and logged) rather than stopping the start-up: one bad
+        file must not keep every other message from being delivered.
+        """
         for entry in os.listdir(self.tmp):
             os.unlink(self.tmp / entry)
         names = os.listdir(self.queue)
@@ -199,8 +380,22 @@ class Spool:
             if suffix == "msg" and f"{stem}.env" not in names:
                 os.unlink(self.queue / name)
             elif suffix == "env":
-                envelopes.append(self.load(stem))
+                try:
+                    envelopes.append(self.load(stem))
+                except (ValueError, TypeError, KeyError) as e:
+                    self._quarantine(stem, e)
         return envelopes
+
+    def _quarantine(self, queue_id: str, error: Exception) -> None:
+        corrupt = self.dir / "corrupt"
+        corrupt.mkdir(mode=0o700, exist_ok=True)
+        for suffix in (".msg", ".env"):
+            try:
+                os.rename(self.queue / f"{queue_id}{suffix}", corrupt / f"{queue_id}{suffix}")
+            except FileNotFoundError:
+                pass
+        log.error("{id}: unreadable envelope ({err}); moved to {dir}", id=queue_id,
+                  err=error, dir=str(corrupt))
 
     def queued_ids(self) -> list[str]:
         return sorted(n[:-4] for n in os.listdir(self.queue) if n.endswith(".env"))

@@ -17,6 +17,12 @@ a time with ``O_NOFOLLOW`` so a planted symlink never leads outside the tree;
 file names come only from the queue id, never from message or envelope data;
 a file appears in ``new/`` only complete and fsync'd, by rename from ``tmp/``,
 and the ``new/`` directory is fsync'd before the delivery counts as done.
+Directories created on the way (a new user's Maildir) are made durable too:
+their parent is fsync'd after each ``mkdir``.
+
+Local delivery works in batches (``Maildir.open_delivery``): the Maildir is
+opened once, every message of the batch is linked into ``tmp/`` and renamed
+into ``new/``, and then one fsync of ``new/`` makes all of them durable.
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ def delivery_base(arrival: float, queue_id: str, index: int, hostname: str) -> s
     sec = int(arrival)
     usec = int((arrival - sec) * 1_000_000)
     return f"{sec}.M{usec}Q{queue_id}R{index}.{escape_host(hostname)}"
+
+
+def _base_of(name: str) -> str:
+    """The part of a Maildir name before its ``,S=``/``,W=`` fields and ``:2,`` flags."""
+    return name.split(",", 1)[0].split(":", 1)[0]
 
 
 def _subdirs(path: Path) -> list[Path]:
@@ -111,8 +122,14 @@ class Maildir:
         self.components = components
         self.path = self.root.joinpath(*components)
 
-    def _open(self, create: bool) -> int:
-        """A descriptor of this Maildir, walked without following symlinks."""
+    def _open(self, create: bool, make_subdirs: bool = True) -> int:
+        """A descriptor of this Maildir, walked without following symlinks.
+
+        With ``create``, missing directories are made (and their parents
+        fsync'd); ``make_subdirs`` also makes sure ``cur``, ``new`` and ``tmp``
+        exist (callers that open them anyway pass False and call
+        ``_make_subdirs`` only when one is missing).
+        """
         fd = os.open(self.root, _ROOT_FLAGS)
         try:
             for name in self.components:
@@ -125,6 +142,7 @@ class Maildir:
                         os.mkdir(name, 0o700, dir_fd=fd)
                     except FileExistsError:
                         pass
+                    os.fsync(fd)
                     child = os.open(name, _DIR_FLAGS, dir_fd=fd)
                 except OSError as e:
                     if e.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -133,16 +151,24 @@ class Maildir:
                     raise
                 os.close(fd)
                 fd = child
-            if create:
-                for sub in SUBDIRS:
-                    try:
-                        os.mkdir(sub, 0o700, dir_fd=fd)
-                    except FileExistsError:
-                        pass
+            if create and make_subdirs:
+                self._make_subdirs(fd)
             return fd
         except BaseException:
             os.close(fd)
             raise
+
+    @staticmethod
+    def _make_subdirs(fd: int) -> None:
+        made = False
+        for sub in SUBDIRS:
+            try:
+                os.mkdir(sub, 0o700, dir_fd=fd)
+                made = True
+            except FileExistsError:
+                pass
+        if made:
+            os.fsync(fd)
 
     def _subdir(self, fd: int, name: str) -> int:
         try:
@@ -159,20 +185,23 @@ class Maildir:
         is copied or synced twice), else copied and fsync'd. Returns the name
         in ``new/``; returns only after ``new/`` itself is fsync'd.
         """
-        name = f"{base},S={size},W={wsize}"
-        top = self._open(create=True)
+        with self.open_delivery() as target:
+            name = target.place(source, base, size, wsize)
+            target.sync()
+        return name
+
+    def open_delivery(self) -> DeliveryTarget:
+        """This Maildir opened (created if needed) for a batch of deliveries."""
+        top = self._open(create=True, make_subdirs=False)
         try:
-            tmp, new = self._tmp_and_new(top)
             try:
-                self._place_in_tmp(source, name, tmp)
-                os.rename(name, name, src_dir_fd=tmp, dst_dir_fd=new)
-                os.fsync(new)
-            finally:
-                os.close(tmp)
-                os.close(new)
+                tmp, new = self._tmp_and_new(top)
+            except FileNotFoundError:
+                self._make_subdirs(top)
+                tmp, new = self._tmp_and_new(top)
         finally:
             os.close(top)
-        return name
+        return DeliveryTarget(self, tmp, new)
 
     def _tmp_and_new(self, top: int) -> tuple[int, int]:
         """Both descriptors, or neither (none leaks when ``new`` is refused)."""
@@ -206,6 +235,27 @@ class Maildir:
         finally:
             os.close(fd)
 
+    def delivered_bases(self) -> set[str]:
+        """The base names of every message in ``new/`` and ``cur/``."""
+        bases: set[str] = set()
+        try:
+            top = self._open(create=False)
+        except FileNotFoundError:
+            return bases
+        try:
+            for sub in ("new", "cur"):
+                try:
+                    fd = self._subdir(top, sub)
+                except FileNotFoundError:
+                    continue
+                try:
+                    bases.update(_base_of(entry) for entry in os.listdir(fd))
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(top)
+        return bases
+
     def has_delivery(self, base: str) -> bool:
         """Whether a message with this base name is in ``new/`` or ``cur/``.
 
@@ -218,10 +268,13 @@ class Maildir:
             return False
         try:
             for sub in ("new", "cur"):
-                fd = self._subdir(top, sub)
+                try:
+                    fd = self._subdir(top, sub)
+                except FileNotFoundError:
+                    continue
                 try:
                     for entry in os.listdir(fd):
-                        if entry.split(",", 1)[0].split(":", 1)[0] == base:
+                        if _base_of(entry) == base:
                             return True
                 finally:
                     os.close(fd)
@@ -258,3 +311,46 @@ class Maildir:
         finally:
             os.close(top)
         return removed
+
+
+class DeliveryTarget:
+    """A Maildir's ``tmp/`` and ``new/`` held open for a batch of deliveries.
+
+    ``place`` makes each message visible in ``new/``; ``sync`` (one fsync of
+    ``new/``) makes every placed message durable, and only then do they count
+    as delivered. Use as a context manager, or call ``close``.
+    """
+
+    def __init__(self, maildir: Maildir, tmp: int, new: int):
+        self.maildir = maildir
+        self._tmp = tmp
+        self._new = new
+        self._bases: set[str] | None = None
+
+    def place(self, source: Path, base: str, size: int, wsize: int) -> str:
+        """Link (or copy) ``source`` into ``tmp/`` and rename it into ``new/``."""
+        name = f"{base},S={size},W={wsize}"
+        Maildir._place_in_tmp(source, name, self._tmp)
+        os.rename(name, name, src_dir_fd=self._tmp, dst_dir_fd=self._new)
+        return name
+
+    def has_delivery(self, base: str) -> bool:
+        """Whether ``new/`` or ``cur/`` holds this base name (listed once per target)."""
+        if self._bases is None:
+            self._bases = self.maildir.delivered_bases()
+        return base in self._bases
+
+    def sync(self) -> None:
+        os.fsync(self._new)
+
+    def close(self) -> None:
+        for fd in (self._tmp, self._new):
+            if fd >= 0:
+                os.close(fd)
+        self._tmp = self._new = -1
+
+    def __enter__(self) -> DeliveryTarget:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
