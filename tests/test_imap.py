@@ -180,6 +180,11 @@ class FolderTests(IMAPTestCase):
                 M.untagged_responses.pop("LIST")
             assert any(b"\\Subscribed" in l and l.endswith(b'"Lists"') for l in ext), ext
             assert not any(l.endswith(b'"Junk"') for l in ext), ext
+            ok(M.create("Team/news"))
+            ok(M.subscribe("Team/news"))
+            M._simple_command("LIST", "(SUBSCRIBED RECURSIVEMATCH)", '""', "%")
+            ext = M.untagged_responses.pop("LIST")
+            assert b'(\\HasChildren) "/" "Team" ("CHILDINFO" ("SUBSCRIBED"))' in ext, ext
         yield self.blocking(check)
 
     @defer.inlineCallbacks
@@ -446,3 +451,56 @@ def _insecure():
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+class MimeEndToEndTests(IMAPTestCase):
+    @defer.inlineCallbacks
+    def test_nested_message_sections(self):
+        from tests.test_imap_parser import MESSAGE
+
+        def check():
+            M = self.client()
+            ok(M.append("INBOX", None, None, MESSAGE))
+            ok(M.select("INBOX"))
+            data = ok(M.fetch("1", "(BODY.PEEK[1] BODY.PEEK[2.HEADER] BODY.PEEK[2.1] "
+                                   "BODY.PEEK[2.2.MIME] BODY.PEEK[3]<1.2> BODY.PEEK[2.TEXT]<0.4>)"))
+            parts = {re.search(rb"BODY\[[^\]]*\](<\d+>)?", head).group(0): value
+                     for head, value in data[:-1]}
+            assert parts[b"BODY[1]"] == b"hello", parts
+            assert parts[b"BODY[2.HEADER]"].startswith(b"Subject: inner\r\n"), parts
+            assert parts[b"BODY[2.1]"] == b"inner text", parts
+            assert parts[b"BODY[2.2.MIME]"] == b"Content-Type: text/html\r\n\r\n", parts
+            assert parts[b"BODY[3]<1>"] == b"AA", parts
+            assert parts[b"BODY[2.TEXT]<0>"] == b"--YY", parts
+            data = ok(M.fetch("1", "(BODYSTRUCTURE)"))
+            assert b'"ALTERNATIVE" ("BOUNDARY" "YY") NIL NIL NIL)' in data[0], data
+            assert b'("ATTACHMENT" ("FILENAME" "a b.pdf"))' in data[0], data
+            size = int(re.search(rb"RFC822.SIZE (\d+)", ok(M.fetch("1", "RFC822.SIZE"))[0])[1])
+            assert size == len(MESSAGE), (size, len(MESSAGE))
+            data = ok(M.search(None, "TEXT", '"inner text"'))
+            assert data == [b"1"], data
+        yield self.blocking(check)
+
+    @defer.inlineCallbacks
+    def test_more_search_keys(self):
+        yield self.deliver_many(3)
+
+        def check():
+            M = self.client()
+            ok(M.select("INBOX"))
+            ok(M.store("1", "+FLAGS", "(\\Answered \\Draft)"))
+            ok(M.store("3", "+FLAGS", "(\\Deleted \\Seen)"))
+            assert ok(M.search(None, "ANSWERED", "DRAFT")) == [b"1"]
+            assert ok(M.search(None, "DELETED")) == [b"3"]
+            assert ok(M.search(None, "UNDELETED", "UNANSWERED")) == [b"2"]
+            assert ok(M.search(None, "SEEN")) == [b"3"]
+            assert ok(M.search(None, "OLD")) == [b""]
+            assert ok(M.search(None, "TO", "demo@example")) == [b"1 2 3"]
+            assert ok(M.search(None, "CC", "x")) == [b""]
+            assert ok(M.search(None, "UNKEYWORD", "$Junk")) == [b"1 2 3"]
+            assert ok(M.search(None, "*")) == [b"3"]
+            assert ok(M.search(None, "NOT", "OR", "1", "2")) == [b"3"]
+            assert ok(M.search(None, "SENTBEFORE", "1-Jan-2000")) == [b""]
+            M.select("INBOX", readonly=True)
+            assert ok(M.search(None, "RECENT")) == [b""], "EXAMINE after SELECT"
+        yield self.blocking(check)

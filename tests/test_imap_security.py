@@ -36,6 +36,10 @@ class LiteralTests(IMAPTestCase):
             assert r.line().startswith(b"+ ")
             r.send(b"Subject: x\r\n\r\nbody\r\n\r\n")
             assert r.until(b"f")[-1].startswith(b"f OK [APPENDUID ")
+            # APPEND with a non-synchronising literal (LITERAL+): no "+" is sent.
+            r.send(b"g APPEND INBOX (\\Seen) {20+}\r\nSubject: y\r\n\r\nbody\r\n\r\n")
+            assert r.until(b"g")[-1].startswith(b"g OK [APPENDUID ")
+            assert b"APPENDLIMIT=100000" in r.cmd(b"h CAPABILITY")[0]
         yield self.blocking(check)
 
     @defer.inlineCallbacks

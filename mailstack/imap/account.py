@@ -58,6 +58,8 @@ class Account:
         regexes = [pattern_regex(reference + p) for p in patterns]
         candidates = sorted(set(names) | (subs if subscribed else set()),
                             key=lambda n: (n != INBOX, n))
+        with_children = {p for n in names for p in _parents(n)}
+        subscribed_parents = {p for s in subs for p in _parents(s)}
         result = []
         for name in candidates:
             if not any(r.match(name) for r in regexes):
@@ -69,8 +71,7 @@ class Account:
             else:
                 if not names[name]:
                     attrs.append("\\Noselect")
-                children = any(n.startswith(name + SEPARATOR) for n in names)
-                attrs.append("\\HasChildren" if children else "\\HasNoChildren")
+                attrs.append("\\HasChildren" if name in with_children else "\\HasNoChildren")
             if name in SPECIAL_USE and names.get(name):
                 attrs.append(SPECIAL_USE[name])
             elif special_only:
@@ -78,7 +79,7 @@ class Account:
             if name in subs:
                 attrs.append("\\Subscribed")
             if subscribed and name not in subs:
-                if not (recursive and any(s.startswith(name + SEPARATOR) for s in subs)):
+                if not (recursive and name in subscribed_parents):
                     continue
                 childinfo = True
             result.append(ListEntry(name, attrs, childinfo))

@@ -162,7 +162,10 @@ def parse_content_type(value: bytes | None, default: tuple[bytes, bytes]):
     t, s = t.strip().lower(), s.strip().lower()
     if not slash or not _TOKEN.fullmatch(t) or not _TOKEN.fullmatch(s):
         return b"text", b"plain", [(b"CHARSET", b"us-ascii")]
-    return t, s, parse_params(rest)
+    params = parse_params(rest)
+    if t == b"text" and not any(k == b"CHARSET" for k, _ in params):
+        params.insert(0, (b"CHARSET", b"us-ascii"))  # RFC 2045 5.2 default, as Dovecot says
+    return t, s, params
 
 
 def parse_params(text: bytes) -> list[tuple[bytes, bytes]]:
