@@ -30,6 +30,9 @@ PROTOCOLS = {
     "pop3s": ("pop3", None, True),
     "imap": ("imap", None, False),
     "imaps": ("imap", None, True),
+    # Autoconfig, autodiscover, MTA-STS policy, metrics (mailstack.web).
+    "http": ("http", None, False),
+    "https": ("http", None, True),
 }
 
 
@@ -61,6 +64,10 @@ class ServerConfig:
     aliases_file: Path = Path("aliases")
     #: Threads for blocking work (fsync, password hashing, DNS).
     threads: int = 16
+    #: The addresses the internet reaches this server at: the A/AAAA records
+    #: of ``hostname``, its PTR and the SPF record (``mailstack dns``, ``mailstack check``).
+    public_ipv4: str = ""
+    public_ipv6: str = ""
 
 
 @dataclass(frozen=True)
@@ -214,6 +221,52 @@ class QueueConfig:
     delay_warning: float = 0.0
 
 
+@dataclass(frozen=True)
+class RecordsConfig:
+    """The DNS records ``mailstack dns`` prints and ``mailstack check`` expects."""
+
+    ttl: int = 3600
+    mx_preference: int = 10
+    #: SPF terms besides "mx", before "-all" (a smarthost's "include:...").
+    spf_extra: tuple[str, ...] = ()
+    #: The DMARC policy to publish (RFC 7489 6.3): none, quarantine or reject.
+    dmarc_policy: str = "quarantine"
+    #: Where DMARC aggregate and TLS reports (RFC 8460) go; "": postmaster@<domain>.
+    dmarc_rua: str = ""
+    tlsrpt_rua: str = ""
+    #: MTA-STS (RFC 8461): none, testing or enforce, and the policy's max_age.
+    mta_sts_mode: str = "testing"
+    mta_sts_max_age: int = 604_800
+
+
+@dataclass(frozen=True)
+class ClientsConfig:
+    """What mail programs are told (autoconfig, autodiscover, Apple profile, SRV).
+
+    A port 0 is the port of the listener of that protocol; set the port
+    clients really use when it differs (NAT, port forwarding). A service
+    with neither a listener nor a port here is not advertised.
+    """
+
+    submission_port: int = 0
+    submissions_port: int = 0
+    imap_port: int = 0
+    imaps_port: int = 0
+    pop3_port: int = 0
+    pop3s_port: int = 0
+    https_port: int = 0
+    #: The account's name in mail programs; "": the domain.
+    display_name: str = ""
+
+
+@dataclass(frozen=True)
+class HTTPConfig:
+    #: Clients that may read /metrics (Prometheus); others get 403.
+    metrics_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    #: Served as /.well-known/acme-challenge/ (certbot --webroot -w DIR); "": not served.
+    acme_challenge_dir: Path | None = None
+
+
 #: The policy checkers run when no ``[policy] checkers`` list is given, in order.
 DEFAULT_CHECKERS = ("lists", "ratelimit", "dnsbl", "spf", "dkim", "arc", "dmarc")
 
@@ -234,12 +287,16 @@ class DKIMPolicy:
     max_signatures: int = 5
     #: Smaller RSA keys fail (RFC 8301 3.2: at least 1024 bits).
     min_rsa_bits: int = 1024
+    #: Seconds all key lookups of one message may take; then temperror.
+    time_budget: float = 20.0
 
 
 @dataclass(frozen=True)
 class ARCPolicy:
     #: RFC 8617 4.2.1: at most 50 ARC sets; more is a fail.
     max_sets: int = 50
+    #: Seconds all key lookups of one message may take; then temperror.
+    time_budget: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -336,6 +393,9 @@ class Config:
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    http: HTTPConfig = field(default_factory=HTTPConfig)
     listen: tuple[Listener, ...] = ()
     #: The file this was loaded from (None for built-in defaults).
     source: Path | None = None
@@ -344,7 +404,8 @@ class Config:
 _SECTIONS = {"server": ServerConfig, "tls": TLSConfig, "smtp": SMTPConfig, "auth": AuthConfig,
              "submission": SubmissionConfig, "pop3": POP3Config, "imap": IMAPConfig,
              "dns": DNSConfig, "outbound": OutboundConfig, "dkim": DKIMConfig,
-             "queue": QueueConfig}
+             "queue": QueueConfig, "records": RecordsConfig, "clients": ClientsConfig,
+             "http": HTTPConfig}
 
 
 def load(path: Path | str) -> Config:
@@ -570,6 +631,7 @@ def _check(config: Config) -> list[str]:
     if config.smtp.idle_timeout <= 0:
         problems.append("smtp.idle_timeout: must be positive")
     problems.extend(_check_policy(config.policy))
+    problems.extend(_check_setup(config))
     seen = set()
     for i, lst in enumerate(config.listen):
         if lst.protocol not in PROTOCOLS:
@@ -616,6 +678,8 @@ def _check_policy(policy: PolicyConfig) -> list[str]:
         problems.append(f"policy.authserv_id: {policy.authserv_id!r} is not a host name")
     for key, value in (("stage_timeout", policy.stage_timeout),
                        ("spf.time_budget", policy.spf.time_budget),
+                       ("dkim.time_budget", policy.dkim.time_budget),
+                       ("arc.time_budget", policy.arc.time_budget),
                        ("greylist.retry_window", policy.greylist.retry_window),
                        ("greylist.expiry", policy.greylist.expiry),
                        ("ratelimit.window", policy.ratelimit.window),
@@ -640,4 +704,46 @@ def _check_policy(policy: PolicyConfig) -> list[str]:
     for zone in policy.dnsbl.zones:
         if not re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)+\.?", zone):
             problems.append(f"policy.dnsbl.zones: {zone!r} is not a DNS zone name")
+    return problems
+
+
+def _check_setup(config: Config) -> list[str]:
+    """[server] public addresses, [records], [clients] and [http]."""
+    problems = []
+    for key, version in (("public_ipv4", 4), ("public_ipv6", 6)):
+        value = getattr(config.server, key)
+        try:
+            if value and ipaddress.ip_address(value).version != version:
+                raise ValueError
+        except ValueError:
+            problems.append(f"server.{key}: {value!r} is not an IPv{version} address")
+    r = config.records
+    if not 60 <= r.ttl <= 604_800:
+        problems.append("records.ttl: must be between 60 and 604800 seconds")
+    if not 0 <= r.mx_preference <= 65535:
+        problems.append("records.mx_preference: must be between 0 and 65535")
+    for term in r.spf_extra:
+        if not re.fullmatch(r"[+\-~?]?(include:|exists:|ip4:|ip6:|a\b|mx\b)[!-~]*", term):
+            problems.append(f"records.spf_extra: {term!r} is not an SPF mechanism "
+                            "(include:, ip4:, ip6:, a, mx, exists:)")
+    if r.dmarc_policy not in ("none", "quarantine", "reject"):
+        problems.append("records.dmarc_policy: must be none, quarantine or reject")
+    if r.mta_sts_mode not in ("none", "testing", "enforce"):
+        problems.append("records.mta_sts_mode: must be none, testing or enforce")
+    if not 0 < r.mta_sts_max_age <= 31_557_600:
+        problems.append("records.mta_sts_max_age: must be between 1 and 31557600 (RFC 8461 3.2)")
+    for key in ("dmarc_rua", "tlsrpt_rua"):
+        value = getattr(r, key)
+        web = key == "tlsrpt_rua" and value.startswith("https://")
+        if value and not web and not re.fullmatch(r"(mailto:)?[^@\s;,!]+@[A-Za-z0-9.\-]+", value):
+            problems.append(f"records.{key}: {value!r} is not a mail address")
+    for f in dataclasses.fields(ClientsConfig):
+        value = getattr(config.clients, f.name)
+        if f.name.endswith("_port") and not 0 <= value <= 65535:
+            problems.append(f"clients.{f.name}: {value} is not a port number")
+    for net in config.http.metrics_networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            problems.append(f"http.metrics_networks: {net!r} is not an address or network")
     return problems

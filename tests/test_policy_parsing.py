@@ -200,3 +200,49 @@ class EvaluationStoreTests(unittest.TestCase):
         store.add(Evaluation(time=1000.0 + 2 * 86400, source_ip="::1", header_from="y.test",
                              envelope_from="", envelope_to="example.test"))
         self.assertEqual([e.header_from for e in store.between(0, 10**9)], ["y.test"])
+
+
+class FromFastPathTests(unittest.TestCase):
+    @FUZZ
+    @given(st.from_regex(r"\A ?(?:[A-Za-z0-9 .'_-]{0,12}<[A-Za-z0-9.+_-]{1,8}@[a-z0-9.-]{1,12}>"
+                         r"|[A-Za-z0-9.+_-]{1,8}@[a-z0-9.-]{1,12}) ?\Z"))
+    def test_the_fast_path_agrees_with_the_full_parser(self, value):
+        from email.errors import InvalidHeaderDefect
+        from email.headerregistry import HeaderRegistry
+        from mailstack.policy.dmarc import normalize
+        try:
+            fast = author_domain([("From", value)])
+        except AuthorProblem:
+            fast = None
+        full = None
+        try:
+            header = HeaderRegistry()("from", value)
+        except Exception:  # CPython's parser crashes on some inputs (" .K@x": TypeError)
+            header = None
+        if header is not None and len(header.addresses) == 1 and not any(
+                isinstance(d, InvalidHeaderDefect) for d in header.defects):
+            full = normalize(header.addresses[0].domain) if header.addresses[0].domain else None
+        if fast is not None:
+            self.assertEqual(fast, full, value)
+
+
+class DKIMBudgetTests(unittest.TestCase):
+    """All key lookups of a message share one time budget (DNS-1, DKIM-9)."""
+
+    @defer.inlineCallbacks
+    def test_signatures_on_slow_names_spend_one_budget(self):
+        import time as clock
+        from mailstack.policy.dkim import verify_message
+        from tests.support.policykit import crlf, make_key, sign
+        names = [f"s{i}._domainkey.slow{i}.test" for i in range(4)]
+        dns = DNSFixture({}, hang=names)
+        start_dns(dns)
+        self.addCleanup(dns.stop)
+        resolver = resolver_for(dns.port, timeout=0.5)
+        message = crlf(b"From: a@slow0.test\nSubject: s\n\nbody\n")
+        for i in range(4):
+            message = sign(message, make_key(f"slow{i}.test", f"s{i}", "ed25519"))
+        started = clock.monotonic()
+        results = yield threads.deferToThread(verify_message, message, resolver, 5, 1024, 0.3)
+        self.assertLess(clock.monotonic() - started, 1.5)
+        self.assertEqual([r.result for r in results], ["temperror"] * 4)

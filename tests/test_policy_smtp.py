@@ -347,3 +347,64 @@ class EvaluationsOverSMTP(PolicyInstanceTestCase):
                            "pass", True, "pass", "none"),
                           ("127.0.0.2", "forged.test", "sender.test", "forged.test", "reject",
                            "pass", False, "fail", "reject")])
+
+
+class SessionOverSMTP(PolicyInstanceTestCase):
+    def raw(self, instance, source, data: bytes, replies: int) -> list[bytes]:
+        def talk():
+            with socket.create_connection(("127.0.0.1", instance.smtp_port), timeout=5,
+                                          source_address=(source, 0)) as s:
+                f = s.makefile("rb")
+                lines = [f.readline()]
+                s.sendall(data)
+                while len(lines) < replies:
+                    line = f.readline()
+                    if not line:
+                        break
+                    if line[3:4] != b"-":
+                        lines.append(line)
+                return lines
+        return in_thread(talk)
+
+    @defer.inlineCallbacks
+    def test_pipelined_commands_get_their_replies_in_order(self):
+        self.start_dns(ZONE)
+        instance = self.start_instance({"checkers": ["spf", "greylist", "dkim", "dmarc"]})
+        lines = yield self.raw(instance, "127.0.0.2",
+                               b"EHLO mx.sender.test\r\nMAIL FROM:<alice@sender.test>\r\n"
+                               b"RCPT TO:<demo@example.test>\r\nRCPT TO:<alice@example.test>\r\n"
+                               b"DATA\r\nQUIT\r\n", 7)
+        expected = [b"220 ", b"250 ", b"250 2.1.0", b"451 4.7.1", b"451 4.7.1", b"503 5.5.1",
+                    b"221 2.0.0"]
+        self.assertEqual([line[:len(e)] for line, e in zip(lines, expected)], expected)
+
+    @defer.inlineCallbacks
+    def test_a_blocked_helo_name_is_refused_and_helo_must_be_given_again(self):
+        self.start_dns(ZONE)
+        lists = Path(self.mktemp()).resolve()
+        lists.write_text("block helo .dynamic.test\n")
+        instance = self.start_instance({"lists": {"file": str(lists)}})
+        lines = yield self.raw(instance, "127.0.0.2",
+                               b"EHLO host-1.pool.dynamic.test\r\nMAIL FROM:<a@sender.test>\r\n"
+                               b"QUIT\r\n", 4)
+        self.assertEqual([line[:9] for line in lines],
+                         [b"220 mail.", b"554 5.7.1", b"503 5.5.1", b"221 2.0.0"])
+
+    @defer.inlineCallbacks
+    def test_a_large_signed_message_is_checked_from_its_spilled_copy(self):
+        from tests.support.policykit import make_key, sign, split_txt
+        key = make_key("sender.test", "big", "rsa", 1024)
+        self.start_dns({**ZONE, key.record_name: {"TXT": [split_txt(key.txt)]}})
+        instance = self.start_instance({})
+        body = b"".join(b"line %06d of a large message, long enough to spill\n" % i
+                        for i in range(4000))
+        message = sign(crlf(MESSAGE.replace(b"hello\r\n", b"") + body), key)
+        self.assertGreater(len(message), 200_000)
+        replies = yield self.send(instance, "mx.sender.test", "alice@sender.test", [USER],
+                                  message)
+        self.assertEqual(replies["data"], "250")
+        files = yield wait_for(lambda: instance.messages(USER))
+        fields = dict(stored_headers(files[0]))
+        self.assertIn("dkim=pass header.d=sender.test header.s=big",
+                      " ".join(fields["Authentication-Results"].split()))
+        self.assertTrue(files[0].read_bytes().endswith(body))

@@ -34,7 +34,7 @@ class ARCOutcome:
     sets: int = 0
 
 
-def verify_chain(data: bytes, resolver, max_sets: int = 50) -> ARCOutcome:
+def verify_chain(data: bytes, resolver, max_sets: int = 50, budget: float = 20.0) -> ARCOutcome:
     """Validate the ARC chain of ``data`` (blocking: run it in the pool)."""
     try:
         arc = dkim.ARC(data, timeout=resolver.timeout)
@@ -45,7 +45,7 @@ def verify_chain(data: bytes, resolver, max_sets: int = 50) -> ARCOutcome:
         return ARCOutcome("none")
     if seals > max_sets:
         return ARCOutcome("fail", f"more than {max_sets} ARC sets", sets=seals)
-    lookup = _KeyLookup(resolver)
+    lookup = _KeyLookup(resolver, budget)
     temporary = False
 
     def dnsfunc(name, timeout=5):
@@ -77,7 +77,7 @@ class ARCChecker(Checker):
 
     def end_of_data(self, conn: Connection, txn: Transaction, message: Message) -> Deferred:
         d = self.env.run_blocking(verify_chain, message.data, self.env.resolver,
-                                  self.settings.max_sets)
+                                  self.settings.max_sets, self.settings.time_budget)
         return d.addCallback(self._verdict, txn)
 
     def _verdict(self, outcome: ARCOutcome, txn: Transaction):

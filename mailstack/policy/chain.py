@@ -212,7 +212,8 @@ class SessionPolicy:
         if txn is None or not self.active:
             return defer.succeed(Outcome())
         if self.chain.by_stage["data"]:
-            d = self.chain.env.run_blocking(buffer.read)
+            d = (defer.succeed(buffer.read()) if buffer.in_memory
+                 else self.chain.env.run_blocking(buffer.read))
             d.addCallback(lambda data: self._stage(
                 "data", txn.results, lambda c: c.end_of_data(self.conn, txn, Message(data)), txn))
         else:

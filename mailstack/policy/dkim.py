@@ -30,6 +30,7 @@ result can be told apart.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 import dkim
@@ -72,10 +73,16 @@ class SignatureResult:
 
 
 class _KeyLookup:
-    """dkimpy's ``dnsfunc``, remembering what the lookup found."""
+    """dkimpy's ``dnsfunc``, remembering what the lookup found.
 
-    def __init__(self, resolver):
+    All lookups for one message share a deadline (SECURITY-TESTS DNS-1): past
+    it, a lookup fails at once as temporary, so a message with many
+    signatures on slow names cannot hold a pool thread for long.
+    """
+
+    def __init__(self, resolver, budget: float = 20.0):
         self.resolver = resolver
+        self.deadline = time.monotonic() + budget
         self.reset()
 
     def reset(self) -> None:
@@ -84,8 +91,11 @@ class _KeyLookup:
         self.record: bytes | None = None
 
     def __call__(self, name, timeout=5):
+        left = self.deadline - time.monotonic()
         try:
-            record = self.resolver.dkim_txt(name)
+            if left <= 0:
+                raise dkim.DnsTimeoutError("the message's DNS time budget is spent")
+            record = self.resolver.dkim_txt(name, left)
         except dkim.DnsTimeoutError:
             self.status = "temporary"
             raise
@@ -121,7 +131,7 @@ def _key_problem(record: bytes, algorithm: bytes, min_bits: int) -> tuple[str, s
 
 
 def verify_message(data: bytes, resolver, max_signatures: int = 5,
-                   min_rsa_bits: int = 1024) -> list[SignatureResult]:
+                   min_rsa_bits: int = 1024, budget: float = 20.0) -> list[SignatureResult]:
     """Verify each DKIM signature of ``data`` (blocking: run it in the pool)."""
     try:
         verifier = dkim.DKIM(data, minkey=min_rsa_bits, timeout=resolver.timeout)
@@ -129,7 +139,7 @@ def verify_message(data: bytes, resolver, max_signatures: int = 5,
         # dkimpy refuses a header section it cannot parse; so do we.
         return [SignatureResult("permerror", reason="malformed message header")]
     signatures = [v for k, v in verifier.headers if k.lower() == b"dkim-signature"]
-    lookup = _KeyLookup(resolver)
+    lookup = _KeyLookup(resolver, budget)
     results = []
     for index, value in enumerate(signatures[:max_signatures]):
         results.append(_verify_one(verifier, index, value, lookup, min_rsa_bits))
@@ -211,7 +221,8 @@ class DKIMChecker(Checker):
 
     def end_of_data(self, conn: Connection, txn: Transaction, message: Message) -> Deferred:
         d = self.env.run_blocking(verify_message, message.data, self.env.resolver,
-                                  self.settings.max_signatures, self.settings.min_rsa_bits)
+                                  self.settings.max_signatures, self.settings.min_rsa_bits,
+                                  self.settings.time_budget)
         return d.addCallback(self._verdict, txn)
 
     def _verdict(self, results: list[SignatureResult], txn: Transaction):

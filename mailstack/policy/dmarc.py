@@ -26,7 +26,9 @@ from an allowed client.
 
 from __future__ import annotations
 
+import functools
 import random
+import re
 import threading
 from dataclasses import dataclass
 from email.errors import InvalidHeaderDefect
@@ -51,6 +53,7 @@ _psl = None
 _psl_lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=4096)
 def organizational_domain(domain: str) -> str | None:
     """The registrable domain (RFC 7489 3.2), None for a public suffix itself."""
     global _psl
@@ -62,6 +65,7 @@ def organizational_domain(domain: str) -> str | None:
     return _psl.privatesuffix(domain)
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize(domain: str) -> str | None:
     try:
         return canonical_domain(domain.strip())
@@ -85,6 +89,16 @@ class AuthorProblem(Exception):
     """The From field cannot name one author domain."""
 
 
+_HEADERS = HeaderRegistry()
+# The common, unambiguous shapes, parsed without the (slow) full RFC 5322
+# parser: "addr@domain" alone, or a display name free of specials before
+# "<addr@domain>". Anything else takes the full parser.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
+_ADDR = rf"({_ATOM}(?:\.{_ATOM})*)@({_LABEL}(?:\.{_LABEL})*)"
+_SIMPLE_FROM = re.compile(rf"\s*(?:[A-Za-z0-9 '_\-]*<{_ADDR}>|{_ADDR})\s*\Z")
+
+
 def author_domain(fields: list[tuple[str, str]]) -> str:
     """The RFC5322.From domain, or AuthorProblem (RFC 7489 6.6.1)."""
     if any(name == "" for name, _ in fields):
@@ -94,8 +108,14 @@ def author_domain(fields: list[tuple[str, str]]) -> str:
         raise AuthorProblem("no From header")
     if len(values) > 1:
         raise AuthorProblem("more than one From header")
+    simple = _SIMPLE_FROM.match(values[0])
+    if simple is not None:
+        domain = normalize(simple.group(2) or simple.group(4))
+        if not domain:
+            raise AuthorProblem("the From address has no valid domain")
+        return domain
     try:
-        header = HeaderRegistry()("from", values[0])
+        header = _HEADERS("from", values[0])
         addresses = header.addresses
     except Exception:  # the stdlib parser has more failure modes than documented
         raise AuthorProblem("unparsable From header") from None

@@ -51,6 +51,11 @@ class MessageBuffer:
         self._lines = []
         self._held = 0
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether reading it touches no file (it may then run on the reactor)."""
+        return self._file is None
+
     def lines(self) -> Iterator[bytes]:
         """Every line, without line ends (blocking when spilled: use a thread)."""
         if self._file is not None:

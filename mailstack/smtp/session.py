@@ -471,8 +471,10 @@ class Session(Protocol, TimeoutMixin):
         return Reply(250, "2.1.0", "Ok")
 
     def _refuse_mail(self) -> None:
-        log.info("NOQUEUE: reject: MAIL from [{ip}] by policy; from=<{sender}> helo=<{helo}>",
-                 ip=self.client_ip, sender=self.transaction.sender_text, helo=self.helo)
+        if self.transaction is not None:
+            log.info("NOQUEUE: reject: MAIL from [{ip}] by policy; from=<{sender}> "
+                     "helo=<{helo}>", ip=self.client_ip, sender=self.transaction.sender_text,
+                     helo=self.helo)
         self._abort_transaction()
 
     def smtp_RCPT(self, arg: bytes) -> Reply:
@@ -511,7 +513,8 @@ class Session(Protocol, TimeoutMixin):
                                     "User unknown in local recipient table"), rcpt)
         if self.policy is not None and self.policy.active:
             d = self.policy.rcpt(rcpt)
-            d.addCallback(lambda refusal: refusal and self._reject_rcpt(refusal, rcpt))
+            d.addCallback(lambda refusal: refusal and self.transaction is not None
+                          and self._reject_rcpt(refusal, rcpt) or refusal)
             return self._checked(d, lambda: self._add_recipient(t, rcpt, destinations))
         return self._add_recipient(t, rcpt, destinations)
 
