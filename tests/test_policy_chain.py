@@ -350,3 +350,25 @@ class ReadmeExampleTests(unittest.TestCase):
         yield policy.mail("friend@example.org")
         outcome = yield policy.end_of_data(buffer_of(b"Subject: lunch?\r\n\r\nhi"))
         self.assertEqual(outcome.folder, "")
+
+
+class PoolShareTests(unittest.TestCase):
+    def test_checks_get_at_most_half_of_the_pool(self):
+        root = Path(self.mktemp())
+        config = from_dict({"server": {"threads": 4, "spool_dir": str(root / "spool")},
+                            "policy": {"checkers": ["spf"]}}, root / "mailstack.toml")
+        started = []
+        waiting = []
+
+        def run_blocking(f, *args):
+            started.append(f)
+            d = defer.Deferred()
+            waiting.append(d)
+            return d
+
+        chain = build_chain(config, None, task.Clock(), run_blocking)
+        results = [chain.env.run_blocking(lambda: None) for _ in range(5)]
+        self.assertEqual(len(started), 2)
+        waiting[0].callback("done")
+        self.assertEqual(self.successResultOf(results[0]), "done")
+        self.assertEqual(len(started), 3)

@@ -66,7 +66,15 @@ def build_chain(config: Config, resolver, clock, run_blocking) -> Chain:
     """The chain of ``config``; raises ConfigError when a checker cannot be made."""
     policy = config.policy
     state_dir = policy.state_dir or (config.server.spool_dir / "policy")
-    env = Environment(resolver=resolver, clock=clock, run_blocking=run_blocking,
+    # Checks may hold pool threads for a whole DNS timeout each; they get at
+    # most half the pool, so spool commits and deliveries always find a thread
+    # even when a block list's servers stop answering.
+    slots = defer.DeferredSemaphore(max(1, config.server.threads // 2))
+
+    def run_checks(f, *args, **kwargs) -> Deferred:
+        return slots.run(run_blocking, f, *args, **kwargs)
+
+    env = Environment(resolver=resolver, clock=clock, run_blocking=run_checks,
                       hostname=config.server.hostname,
                       authserv_id=policy.authserv_id or config.server.hostname,
                       state_dir=Path(state_dir), local_domains=config.server.domains)
