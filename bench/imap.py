@@ -9,8 +9,9 @@ names with S= and W=, 4 KB messages). For each folder it prints the first
 ("cold": the process lists the folder and writes its uid list) and the later
 ("warm": the folder was opened before) SELECT and UID FETCH 1:* (FLAGS)
 times; then ops/s and p50/p99 of a Thunderbird-like header fetch of one
-message; then the server's RSS before and after ``--idle`` logged-in
-connections idling (IDLE) on INBOX, and its peak RSS (VmHWM).
+message. First, on the fresh server, its RSS before and after ``--idle``
+logged-in connections idling (IDLE) on INBOX, over plain TCP and over TLS;
+last its peak RSS (VmHWM; argon2 password checks, 64 MiB each, dominate it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import os
 import random
 import socket
+import ssl
 import statistics
 import sys
 import tempfile
@@ -48,8 +50,13 @@ def populate(folder: Path, n: int) -> None:
 
 
 class Client:
-    def __init__(self, port: int):
+    def __init__(self, port: int, tls: bool = False):
         self.sock = socket.create_connection(("127.0.0.1", port))
+        if tls:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            self.sock = ctx.wrap_socket(self.sock)
         self.file = self.sock.makefile("rb")
         self.file.readline()
         self.n = 0
@@ -95,8 +102,9 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mailstack-bench-imap-"))
-    port = free_port()
-    daemon = DaemonProcess(work, listen=(("smtp", free_port()), ("imap", port)),
+    port, tls_port = free_port(), free_port()
+    daemon = DaemonProcess(work, listen=(("smtp", free_port()), ("imap", port),
+                                         ("imaps", tls_port)),
                            sections={"auth": {"allow_plaintext_loopback": True}})
     daemon.port = port
     maildir = daemon.config.server.mail_root / "example.test" / "demo" / "Maildir"
@@ -108,9 +116,32 @@ def main() -> None:
     daemon.start()
     pid = daemon.proc.pid
     try:
+        # A first round warms up the thread pool and the TLS context; it is not reported.
+        for tls, count in ((False, 16), (True, 16), (False, args.idle), (True, args.idle)):
+            before = rss_kb(pid)
+
+            def idle_client(_):
+                cl = Client(tls_port if tls else port, tls)
+                cl.login()
+                cl.cmd("SELECT INBOX")
+                cl.sock.sendall(b"i IDLE\r\n")
+                cl.file.readline()
+                return cl
+
+            with ThreadPoolExecutor(16) as pool:
+                idlers = list(pool.map(idle_client, range(count)))
+            time.sleep(1)
+            after = rss_kb(pid)
+            if count == args.idle:
+                print(f"{count} idle {'TLS' if tls else 'plain TCP'} connections (logged in, "
+                      f"INBOX selected, in IDLE): RSS {before / 1024:.1f} -> "
+                      f"{after / 1024:.1f} MB, {(after - before) / count:.1f} KB per connection")
+            for cl in idlers:
+                cl.sock.close()
+            time.sleep(1)
         c = Client(port)
         c.login()
-        print(f"server pid {pid}, RSS after login {rss_kb(pid) / 1024:.1f} MB")
+        print(f"server pid {pid}, RSS with one client logged in {rss_kb(pid) / 1024:.1f} MB")
         for name, n in (("Small", args.small), ("Big", args.big)):
             for round_ in ("cold", "warm", "warm"):
                 t_select, lines = timed(lambda: c.cmd(f"SELECT {name}"))
@@ -118,7 +149,8 @@ def main() -> None:
                 assert len(lines) == n + 1, (len(lines), n)
                 print(f"{n:>6} messages {round_}: SELECT {t_select * 1000:7.1f} ms, "
                       f"UID FETCH 1:* (FLAGS) {t_fetch * 1000:7.1f} ms, "
-                      f"together {(t_select + t_fetch) * 1000:7.1f} ms")
+                      f"together {(t_select + t_fetch) * 1000:7.1f} ms; server RSS "
+                      f"{rss_kb(pid) / 1024:.0f} MB, peak {rss_kb(pid, 'VmHWM') / 1024:.0f} MB")
             c.cmd("UNSELECT")
         c.cmd("SELECT Small")
         latencies = []
@@ -136,25 +168,6 @@ def main() -> None:
               f"p99 {latencies[int(len(latencies) * 0.99) - 1] * 1000:.2f} ms")
         c.cmd("LOGOUT")
 
-        before = rss_kb(pid)
-
-        def idle_client(_):
-            cl = Client(port)
-            cl.login()
-            cl.cmd("SELECT INBOX")
-            cl.sock.sendall(b"i IDLE\r\n")
-            cl.file.readline()
-            return cl
-
-        with ThreadPoolExecutor(16) as pool:
-            idlers = list(pool.map(idle_client, range(args.idle)))
-        time.sleep(1)
-        after = rss_kb(pid)
-        print(f"{args.idle} idle connections (logged in, INBOX selected, in IDLE): RSS "
-              f"{before / 1024:.1f} -> {after / 1024:.1f} MB, "
-              f"{(after - before) / args.idle:.1f} KB per connection")
-        for cl in idlers:
-            cl.sock.close()
         print(f"peak RSS (VmHWM) {rss_kb(pid, 'VmHWM') / 1024:.1f} MB")
     finally:
         daemon.stop()
