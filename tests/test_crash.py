@@ -491,6 +491,30 @@ class SpoolDurabilityTests(unittest.TestCase):
         self.assertEqual(env.wsize, len(data) + lines)
         self.assertEqual(self.spool.load("BIG").size, len(data))
 
+    def test_block_writes_equal_line_writes(self):
+        """write_block (whole runs of lines) stores what write_line would,
+        with the same S= and W= sizes, in memory and after a spill."""
+        lines = [b"Return-Path: <a@b.example>", b"Subject: blocks", b""]
+        lines += [b"%05d " % n + b"q" * (n % 300) for n in range(900)]
+        by_line = MessageWriter(self.spool, "LINES")
+        for line in lines:
+            by_line.write_line(line)
+        by_block = MessageWriter(self.spool, "BLOCKS")
+        by_block.write_line(lines[0])
+        rest = lines[1:]
+        for start in range(0, len(rest), 37):
+            by_block.write_block(b"".join(line + b"\n" for line in rest[start:start + 37]))
+        envs = [Envelope(id=w.id, sender="", recipients=[], arrival=time.time())
+                for w in (by_line, by_block)]
+        by_line.commit(envs[0])
+        by_block.commit(envs[1])
+        self.assertEqual(self.spool.message_path("BLOCKS").read_bytes(),
+                         self.spool.message_path("LINES").read_bytes())
+        self.assertEqual((envs[1].size, envs[1].wsize), (envs[0].size, envs[0].wsize))
+        self.assertEqual(envs[0].wsize, envs[0].size + len(lines))
+        with self.assertRaises(ValueError):
+            MessageWriter(self.spool, "BAD").write_block(b"no line end")
+
     def test_small_message_touches_no_file_until_commit(self):
         writer = MessageWriter(self.spool, "SMALL")
         writer.write_line(b"Subject: x")
