@@ -5,6 +5,8 @@
     mailstack alias add|del|list ...         manage aliases
     mailstack queue list|show|flush|remove   see and steer the mail queue (mailq, postqueue)
     mailstack dkim keygen DOMAIN             make a DKIM signing key and print its DNS record
+    mailstack dns [DOMAIN]                   the DNS records to publish (zone file and table)
+    mailstack check [DOMAIN]                 check DNS, ports and certificates now (for cron)
 
 Every command takes ``--config FILE`` (default: $MAILSTACK_CONFIG or
 /etc/mailstack/mailstack.toml). The daemon notices changes to the users and
@@ -94,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     p = alias.add_parser("list", parents=[common], help="list aliases")
     p.set_defaults(run=cmd_alias_list)
     _add_queue_and_dkim(sub, common)
+    from mailstack.setup.commands import add_commands
+    add_commands(sub, common)
     return parser
 
 

@@ -255,6 +255,7 @@ class ClientsConfig:
     pop3_port: int = 0
     pop3s_port: int = 0
     https_port: int = 0
+    http_port: int = 0
     #: The account's name in mail programs; "": the domain.
     display_name: str = ""
 

@@ -24,6 +24,7 @@ from mailstack.auth.directory import Directory
 from mailstack.auth.users import Users
 from mailstack.config import Config, Listener
 from mailstack.queue.local import LocalDelivery
+from mailstack.metrics import Metrics
 from mailstack.dns import Resolver
 from mailstack.policy.chain import build_chain
 from mailstack.imap.server import IMAPFactory, open_account
@@ -92,13 +93,17 @@ class MailstackService(MultiService):
         self.mail_root = MailRoot(server.mail_root)
         self.spool = Spool(server.spool_dir)
         self.spool.open()
+        #: Prometheus metrics of this service (its own registry), served at /metrics.
+        self.metrics = Metrics(self.spool)
         self.tls_context = tls.server_context(config.tls)
         self.resolver = Resolver(config.dns, self.run_blocking)
         #: Inbound checks (SPF, DKIM, DMARC, greylisting, ...) for the mx listeners.
         self.policy = build_chain(config, self.resolver, reactor, self.run_blocking)
+        self.policy.metrics = self.metrics
         self.outbound = OutboundRunner(config, self.spool, self.resolver, reactor,
                                        self.run_blocking, tls.client_context(config.outbound),
                                        self.notify_sender)
+        self.outbound.metrics = self.metrics
         self.local = LocalDelivery(self.spool, self.mail_root, server.hostname,
                                    self.run_blocking, reactor, config.queue.retry_delay)
         #: IMAP: the per-folder indexes shared by all sessions, and the IDLE watcher.
@@ -116,7 +121,9 @@ class MailstackService(MultiService):
         self._pop3_sizes: dict[str, int] = {}
         self.listeners: list[ListenerService] = []
         for spec in config.listen:
-            listener = ListenerService(spec, self._endpoint(spec), self._factory(spec))
+            factory = self._factory(spec)
+            self.metrics.instrument(factory, spec.protocol)
+            listener = ListenerService(spec, self._endpoint(spec), factory)
             listener.setServiceParent(self)
             self.listeners.append(listener)
 
@@ -133,6 +140,9 @@ class MailstackService(MultiService):
         return endpoints.TCP4ServerEndpoint(self.reactor, spec.port, interface=spec.address)
 
     def _factory(self, spec: Listener):
+        if spec.speaks == "http":
+            from mailstack.web.site import build_site
+            return build_site(self.config, self.metrics, self.run_blocking, self.port_of)
         if spec.speaks == "imap":
             return IMAPFactory(self.config, self.portal, self.auth_limiter, self.reactor,
                                self.run_blocking, self.imap_watcher, self.tls_context,

@@ -31,6 +31,7 @@ from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
 from mailstack.config import Config, ConfigError
+from mailstack.metrics import NULL_METRICS
 from mailstack.policy.interface import (
     STAGES, Action, Connection, Environment, IChecker, Message, Transaction, Verdict)
 from mailstack.policy.message import MessageBuffer, claims_authserv_id, fold, header_lines
@@ -109,6 +110,9 @@ def build_chain(config: Config, resolver, clock, run_blocking) -> Chain:
 
 
 class Chain:
+    #: Counts verdicts and results (mailstack.metrics; the service sets its own).
+    metrics = NULL_METRICS
+
     def __init__(self, checkers: list, env: Environment, trusted=(), stage_timeout: float = 60.0):
         self.checkers = list(checkers)
         self.env = env
@@ -272,6 +276,7 @@ class SessionPolicy:
                             stage=stage, ip=self.conn.client_ip)
                 return LOCAL_ERROR
             results.extend(verdict.results)
+            self.chain.metrics.policy_verdict(checker.name, verdict)
             if txn is not None:
                 txn.headers.extend(verdict.headers)
             if verdict.action is Action.CONTINUE:

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 
 from mailstack.config import Config
 from mailstack.dns import Resolver, TemporaryDNSError
+from mailstack.metrics import NULL_METRICS
 from mailstack.queue.routes import NoRoute, resolve_routes
 from mailstack.queue.spool import Envelope, Recipient, Spool
 from mailstack.queue.transfer import Item, Results, transfer
@@ -47,6 +48,9 @@ def backoff(config: Config, attempts: int) -> float:
 
 
 class OutboundRunner:
+    #: Counts delivery attempts (mailstack.metrics; the service sets its own).
+    metrics = NULL_METRICS
+
     def __init__(self, config: Config, spool: Spool, resolver: Resolver, clock,
                  run_blocking: Callable[..., defer.Deferred], tls_context, notify: Notify):
         self.config = config
@@ -216,6 +220,7 @@ class OutboundRunner:
                      "status={status} ({reply})", id=env.id, to=rcpt.address,
                      relay=attempt.relay or "none", delay=now - env.arrival,
                      tls=attempt.tls or "no", status=status, reply=attempt.reply)
+            self.metrics.delivery(status)
         waiting = [r for _, r in env.pending() if not r.local]
         if (queue.delay_warning > 0 and waiting and not env.extra.get("delay_warned")
                 and now - env.arrival >= queue.delay_warning):

@@ -9,6 +9,7 @@ from twisted.internet.protocol import ServerFactory
 
 from mailstack.auth.directory import Directory
 from mailstack.config import Config
+from mailstack.metrics import NULL_METRICS
 from mailstack.queue.spool import Envelope, Spool
 from mailstack.smtp.reply import Reply
 from mailstack.smtp.session import Session
@@ -21,6 +22,8 @@ TOO_MANY_FROM_YOU = Reply(421, "4.7.0", "Error: too many connections from your a
 class SMTPFactory(ServerFactory):
     protocol = Session
     noisy = False
+    #: Counts transactions (mailstack.metrics; the service sets its own).
+    metrics = NULL_METRICS
 
     def __init__(self, config: Config, role: str, directory: Directory, spool: Spool,
                  queued: Callable[[Envelope], object], run_blocking: Callable[..., Deferred],

@@ -761,6 +761,7 @@ class Session(Protocol, TimeoutMixin):
         self.reply(reply.LOCAL_ERROR)
 
     def _log_transaction(self, t: Transaction, result: str, size: int | None = None) -> None:
+        self.factory.metrics.smtp_transaction(self.factory.role, result)
         log.info("{id}: client=[{ip}]:{port}, helo=<{helo}>, sasl_username=<{user}>, "
                  "from=<{sender}>, to=<{rcpts}>, size={size}, tls={tls}, result={result}",
                  id=t.queue_id or "NOQUEUE", user=self.user or "",

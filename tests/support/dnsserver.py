@@ -1,7 +1,8 @@
 """A real DNS server on 127.0.0.1 for the tests (twisted.names), serving test zones.
 
 Zones are a dict: ``{"name": {"MX": [(10, "mx.name")], "A": ["127.0.0.1"],
-"TXT": ["v=spf1 -all", ["long", "split"]]}}``. Names in ``hang`` are never
+"TXT": ["v=spf1 -all", ["long", "split"]],
+"SRV": [(0, 1, 993, "mx.name")]}}``. Names in ``hang`` are never
 answered (a timeout for the client), names in ``servfail`` get SERVFAIL,
 unknown names get NXDOMAIN and known names without the asked type get an
 empty NOERROR answer (NODATA). ``records`` may be changed while it runs.
@@ -14,7 +15,7 @@ from twisted.internet.error import CannotListenError
 from twisted.names import common, dns, error, server
 
 _TYPES = {"A": dns.A, "AAAA": dns.AAAA, "MX": dns.MX, "TXT": dns.TXT, "CNAME": dns.CNAME,
-          "PTR": dns.PTR}
+          "PTR": dns.PTR, "SRV": dns.SRV}
 
 
 def _payload(rtype: str, value, ttl: int):
@@ -35,6 +36,10 @@ def _payload(rtype: str, value, ttl: int):
         return dns.Record_CNAME(value.encode(), ttl=ttl)
     if rtype == "PTR":
         return dns.Record_PTR(value.encode(), ttl=ttl)
+    if rtype == "SRV":
+        priority, weight, port, target = value
+        return dns.Record_SRV(priority, weight, port, b"" if target == "." else target.encode(),
+                              ttl=ttl)
     raise ValueError(rtype)
 
 
