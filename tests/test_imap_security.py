@@ -58,7 +58,7 @@ class LiteralTests(IMAPTestCase):
         def check():
             r = self.raw()
             r.send(b"a LOGIN {5000+}\r\n")
-            assert r.line() == b"a BYE [TOOBIG] Literal too big\r\n"
+            assert r.line() == b"* BYE [TOOBIG] Literal too big\r\n"
             assert r.line() == b""
         yield self.blocking(check)
 
@@ -90,7 +90,7 @@ class LiteralTests(IMAPTestCase):
             r.login()
             r.cmd(b"s SELECT INBOX")
             r.send(b"a SEARCH" + b" SUBJECT {1+}\r\nx" * 1001 + b"\r\n")
-            assert r.line() == b"a BYE [TOOBIG] Literal too big\r\n"
+            assert r.line() == b"* BYE [TOOBIG] Literal too big\r\n"
             r = self.raw()
             r.login()
             r.cmd(b"s SELECT INBOX")

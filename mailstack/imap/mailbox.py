@@ -150,11 +150,10 @@ class SelectedMailbox:
             view = old + index.uids[bisect.bisect_right(index.uids, last):] \
                 if index.uids and index.uids[-1] > last else old
         new = len(view) - bisect.bisect_right(view, old[-1] if old else 0)
-        if new and not self.readonly:
-            self.recent |= index.claim_recent()
         if new:
+            if not self.readonly:
+                self.recent |= index.claim_recent()
             lines.append(b"* %d EXISTS" % len(view))
-        if new:
             lines.append(b"* %d RECENT" % len(self.recent))
         top_old = old[-1] if old else 0
         candidates = old if changed is None else sorted(u for u in changed if u <= top_old)

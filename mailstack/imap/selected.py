@@ -105,11 +105,13 @@ class SelectedCommands:
             if u not in entries:
                 continue  # expunged by another session: nothing left to send
             if quick:
-                line = (b"* %d FETCH (UID %d %s)" % (seq, u, mbox.flags_response(u))
-                        if with_uid or names[0] == b"UID" else
-                        b"* %d FETCH (%s UID %d)" % (seq, mbox.flags_response(u), u)
-                        if b"UID" in names else
-                        b"* %d FETCH (%s)" % (seq, mbox.flags_response(u)))
+                flags = mbox.flags_response(u)
+                if with_uid or names[0] == b"UID":
+                    line = b"* %d FETCH (UID %d %s)" % (seq, u, flags)
+                elif b"UID" in names:
+                    line = b"* %d FETCH (%s UID %d)" % (seq, flags, u)
+                else:
+                    line = b"* %d FETCH (%s)" % (seq, flags)
             else:
                 try:
                     line = fetch.render(mbox, seq, u, items, with_uid)

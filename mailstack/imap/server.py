@@ -147,7 +147,9 @@ class IMAPServer(SelectedCommands, imap4.IMAP4Server):
                 if item is None:
                     break
                 if isinstance(item, Rejected):
-                    self.sendLine(item.tag + b" " + item.response)
+                    # BYE is untagged (RFC 3501 7.1.5); the others answer the command.
+                    tag = b"*" if item.response.startswith(b"BYE") else item.tag
+                    self.sendLine(tag + b" " + item.response)
                     if item.close:
                         self.transport.loseConnection()
                     continue

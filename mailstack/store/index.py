@@ -95,7 +95,7 @@ class FolderIndex:
         self.keywords: list[str] = []
         self.gone = False
         self._changes: deque[tuple[int, int]] = deque(maxlen=_CHANGE_LOG)
-        self._dir_stamp = None
+        self._dir_stamp: tuple = (None, None)
         self._file_stamps = None
         self._uidlist: UidList | None = None
         self._uidlist_stamp = None
@@ -117,13 +117,17 @@ class FolderIndex:
         try:
             dir_stamp = self._stamp_dirs(top)
             file_stamps = (stamp_at(top, UIDLIST), stamp_at(top, KEYWORDS))
-            if not force and dir_stamp == self._dir_stamp and file_stamps == self._file_stamps:
+            old = self._dir_stamp
+            if not force and dir_stamp == old and file_stamps == self._file_stamps:
                 return False
             if self._file_stamps is None or file_stamps[1] != self._file_stamps[1]:
                 self.keywords = load_keywords(top)
             self._file_stamps = file_stamps
-            changed = self._rescan(top)
-            self._dir_stamp = dir_stamp if self._settled(dir_stamp) else None
+            # A delivery only touches new/: then cur/, usually the big one, is not
+            # listed again (its entries are known and its mtime is unchanged).
+            cur_known = not force and old[1] is not None and old[1] == dir_stamp[1]
+            changed = self._rescan(top, cur_known)
+            self._dir_stamp = tuple(s if self._settled(s) else None for s in dir_stamp)
         finally:
             os.close(top)
         if changed:
@@ -145,8 +149,8 @@ class FolderIndex:
         return tuple(stamps)
 
     @staticmethod
-    def _settled(stamp: tuple) -> bool:
-        return time.time_ns() - max(stamp) > _DIRTY_WINDOW_NS
+    def _settled(stamp: int) -> bool:
+        return time.time_ns() - stamp > _DIRTY_WINDOW_NS
 
     def _vanish(self) -> None:
         self.gone = True
@@ -158,7 +162,7 @@ class FolderIndex:
         self.modseq += 1
         self.notify()
 
-    def _list(self, top: int) -> dict[str, tuple[str, str]]:
+    def _list(self, top: int, subs=("new", "cur")) -> dict[str, tuple[str, str]]:
         """base -> (subdir, name) of every file in new/ then cur/ (in that order: a
         message moving from new/ to cur/ during the listing is seen at least once).
 
@@ -166,7 +170,7 @@ class FolderIndex:
         new to the index, so an unchanged folder costs no parsing.
         """
         found: dict[str, tuple[str, str]] = {}
-        for sub in ("new", "cur"):
+        for sub in subs:
             fd = self.folder._subdir(top, sub)
             try:
                 names = os.listdir(fd)
@@ -176,8 +180,14 @@ class FolderIndex:
                 found[name.split(":", 1)[0].split(",", 1)[0]] = (sub, name)
         return found
 
-    def _rescan(self, top: int) -> bool:
-        found = self._list(top)
+    def _rescan(self, top: int, cur_known: bool = False) -> bool:
+        if cur_known:
+            found = self._list(top, ("new",))
+            for entry in self.entries.values():
+                if entry.msg.subdir == "cur":
+                    found.setdefault(entry.msg.base, ("cur", entry.msg.name))
+        else:
+            found = self._list(top)
         if any(b not in found for b in self.by_base):
             # readdir() may miss a file renamed while it runs: confirm with a second look.
             for base, item in self._list(top).items():
