@@ -57,7 +57,8 @@ def write_instance(root: Path, users=("demo@example.test", "alice@example.test")
     to those config sections; ``listen`` is a list of (protocol, port).
     """
     root.mkdir(parents=True, exist_ok=True)
-    settings = {"hostname": HOSTNAME, "domains": [DOMAIN], "mail_root": str(mail_root or root / "maildirs"),
+    mail_root_text = str(Path(mail_root).resolve()) if mail_root else "maildirs"
+    settings = {"hostname": HOSTNAME, "domains": [DOMAIN], "mail_root": mail_root_text,
                 "spool_dir": "spool", "users_file": "users", "aliases_file": "aliases",
                 "threads": 8, **(server or {})}
     lines = ["[server]"] + [f"{k} = {_toml_value(v)}" for k, v in settings.items()]
