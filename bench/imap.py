@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
-import ssl
 import statistics
 import sys
 import tempfile
@@ -30,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.imap_support import Raw  # noqa: E402
 from tests.support.instance import PASSWORD, DaemonProcess, free_port  # noqa: E402
 
 USER = "demo@example.test"
@@ -49,16 +48,11 @@ def populate(folder: Path, n: int) -> None:
         (folder / "cur" / name).write_bytes(data)
 
 
-class Client:
+class Client(Raw):
+    """The tests' raw client, with its own tags and an error for anything but OK."""
+
     def __init__(self, port: int, tls: bool = False):
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        if tls:
-            ctx = ssl.create_default_context()
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-            self.sock = ctx.wrap_socket(self.sock)
-        self.file = self.sock.makefile("rb")
-        self.file.readline()
+        super().__init__(port, tls)
         self.n = 0
 
     def cmd(self, text: str) -> list[bytes]:

@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from mailstack.imap.mailbox import SelectedMailbox
 from mailstack.store.folders import (INBOX, SEPARATOR, SPECIAL_USE, MailboxError, Mailboxes,
-                                     NoSuchMailbox, normalize)
+                                     NoSuchMailbox, normalize, parents)
 
 
 @dataclass
@@ -58,8 +58,8 @@ class Account:
         regexes = [pattern_regex(reference + p) for p in patterns]
         candidates = sorted(set(names) | (subs if subscribed else set()),
                             key=lambda n: (n != INBOX, n))
-        with_children = {p for n in names for p in _parents(n)}
-        subscribed_parents = {p for s in subs for p in _parents(s)}
+        with_children = {p for n in names for p in parents(n)}
+        subscribed_parents = {p for s in subs for p in parents(s)}
         result = []
         for name in candidates:
             if not any(r.match(name) for r in regexes):
@@ -100,7 +100,7 @@ class Account:
             # RFC 3501 6.3.9: a parent of a subscribed name that "%" would
             # match is listed with \Noselect.
             for name in subs:
-                for parent in _parents(name):
+                for parent in parents(name):
                     if parent not in listed and regex.match(parent):
                         result.append(ListEntry(parent, ["\\Noselect"]))
                         listed.add(parent)
@@ -159,11 +159,6 @@ class Account:
         return None
 
     getOtherNamespaces = getUserNamespaces
-
-
-def _parents(name: str) -> list[str]:
-    parts = name.split(SEPARATOR)
-    return [SEPARATOR.join(parts[:i]) for i in range(1, len(parts))]
 
 
 @implementer(imap4.IMailboxInfo)
