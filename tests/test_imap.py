@@ -75,6 +75,8 @@ class LoginTests(IMAPTestCase):
     def test_wrong_password_and_too_many_failures(self):
         def check():
             r = self.raw(tls=True)
+            # TLS-5: no STARTTLS inside TLS.
+            assert r.cmd(b"s STARTTLS")[-1] == b"s BAD TLS is already active\r\n"
             for tag in (b"a", b"b"):
                 assert r.cmd(tag + b' LOGIN demo@example.test "wrong"')[-1].startswith(
                     tag + b" NO [AUTHENTICATIONFAILED]")

@@ -257,3 +257,34 @@ class ProcessTests(IMAPTestCase):
             assert lines[1] == b"Subject: from here\r\n", lines
             far.cmd(b"g LOGOUT")
         yield in_thread(check)
+
+
+class PollingTests(IMAPTestCase):
+    """Where inotify is missing, an idling client's folder is polled."""
+
+    sections = {"imap": {"poll_interval": 0.1}}
+
+    @defer.inlineCallbacks
+    def test_idle_without_inotify(self):
+        watcher = self.instance.service.imap_watcher
+        watcher._use_inotify = False
+
+        def start():
+            r = self.raw()
+            r.login()
+            r.cmd(b"s SELECT INBOX")
+            r.send(b"i IDLE\r\n")
+            assert r.line().startswith(b"+ ")
+            return r
+        r = yield self.blocking(start)
+        self.assertIsNotNone(watcher._poller)
+        yield self.deliver(subject="polled")
+
+        def pushed():
+            started = time.monotonic()
+            assert r.line() == b"* 1 EXISTS\r\n"
+            assert time.monotonic() - started < 2.0
+            r.send(b"DONE\r\n")
+            assert r.until(b"i")[-1] == b"i OK Idle completed\r\n"
+        yield self.blocking(pushed)
+        self.assertIsNone(watcher._poller, "polling stops when nobody idles")
