@@ -244,6 +244,26 @@ class DeliveryTests(OutboundTestCase):
         yield wait_for(lambda: not self.queued(sender))
 
     @defer.inlineCallbacks
+    def test_delay_warning_is_sent_once_while_retrying(self):
+        self.start_dns()
+        sink = self.start_sink()
+        sink.state.replies["RCPT"] = [b"451 4.3.0 busy"]
+        sender = self.start_sender(sink.port, {"fwd@example.test": ["bob@remote.test"]},
+                                   queue={"delay_warning": 0.5})
+        yield self.send(sender, "demo@example.test", ["fwd@example.test"],
+                        b"Subject: slow\r\n\r\nbody\r\n")
+        files = yield wait_for(lambda: sender.messages("demo@example.test"), timeout=15)
+        warning = email.message_from_bytes(files[0].read_bytes())
+        self.assertEqual(warning["Subject"], "Delayed Mail (still being retried)")
+        status = warning.get_payload()[1].as_string()
+        self.assertIn("Action: delayed", status)
+        self.assertIn("Status: 4.3.0", status)
+        # Still queued, still retried, and warned only once.
+        attempts = self.queued(sender)[0]["recipients"][0]["attempts"]
+        yield wait_for(lambda: self.queued(sender)[0]["recipients"][0]["attempts"] > attempts + 2)
+        self.assertEqual(len(sender.messages("demo@example.test")), 1)
+
+    @defer.inlineCallbacks
     def test_several_messages_share_one_connection(self):
         self.start_dns()
         sink = self.start_sink()
