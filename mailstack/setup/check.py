@@ -23,6 +23,7 @@ what is expected and a one-line fix. Beyond the records themselves:
 from __future__ import annotations
 
 import base64
+import ipaddress
 import ssl
 from dataclasses import dataclass, field
 
@@ -36,6 +37,8 @@ OK, WRONG, MISSING, ERROR = "OK", "WRONG", "MISSING", "ERROR"
 _STRENGTH = {"none": 0, "quarantine": 1, "reject": 2}
 #: RFC 7208 4.6.4: terms that cost a DNS lookup.
 _LOOKUP_TERMS = ("include", "a", "mx", "ptr", "exists", "redirect")
+#: TXT records named by what they are in the table.
+_TXT_KINDS = ("spf", "dkim", "dmarc", "mta-sts", "tlsrpt")
 
 
 @dataclass
@@ -114,11 +117,18 @@ class Check:
             rows.append(Row("address", self.host, MISSING, "", "[server] public_ipv4",
                             "set [server] public_ipv4 (and public_ipv6) to this server's "
                             "public address in the config"))
+        errors = 0
         for record in expected:
+            if errors >= 3:
+                # A resolver that does not answer would cost a timeout per row.
+                rows.append(Row("DNS", domain, ERROR, "stopped after 3 failed lookups", "",
+                                "check [dns] nameservers and the domain's name servers"))
+                return rows
             method = getattr(self, f"_check_{record.kind.replace('-', '_')}")
             try:
                 rows.extend(method(record, domain))
             except TemporaryDNSError as e:
+                errors += 1
                 rows.append(Row(record.rtype, record.name, ERROR, f"DNS lookup failed: {e}",
                                 record.value, "try again; if it persists, check [dns] and the "
                                               "domain's name servers"))
@@ -150,9 +160,9 @@ class Check:
     def _row(self, record: Record, status: str, found: str, fix: str = "") -> Row:
         if status != OK and not fix:
             fix = self._publish(record)
-        return Row(record.rtype if record.kind not in ("spf", "dkim", "dmarc", "mta-sts",
-                                                         "tlsrpt") else record.kind.upper(),
-                   record.name, status, found, record.value, fix)
+        check = record.kind.upper() if record.kind in _TXT_KINDS else record.rtype
+        # Reverse DNS is known by its address, not by the in-addr.arpa name.
+        return Row(check, record.address or record.name, status, found, record.value, fix)
 
     # -- records -------------------------------------------------------------
     def _check_mx(self, record: Record, domain: str) -> list[Row]:
@@ -174,7 +184,6 @@ class Check:
         return self._address(record, "AAAA")
 
     def _address(self, record: Record, rtype: str) -> list[Row]:
-        import ipaddress
         found = [ipaddress.ip_address(r.address) for r in self.dns.records(record.name, rtype)]
         text = ", ".join(str(a) for a in found)
         if not found:
@@ -344,7 +353,7 @@ class Check:
         if not addresses:
             return [Row("MTA-STS policy", url, MISSING, f"{name} does not resolve", shown,
                         f"publish: {name}. {self.ttl} IN CNAME {self.host}.")]
-        port = advertised_ports(self.config).get("https", 443)
+        listening = "https" in advertised_ports(self.config)
         try:
             status, headers, body = probes.fetch_https(
                 addresses[0], self._mapped(443), name, "/.well-known/mta-sts.txt",
@@ -355,7 +364,8 @@ class Check:
                         f"(certbot -d {self.host} -d {name} ...)")]
         except (OSError, ssl.SSLError, probes.ProbeError) as e:
             return [Row("MTA-STS policy", url, MISSING, f"cannot fetch: {e}", shown,
-                        f"serve it with an https listener on port 443 (now {port})")]
+                        "check the https listener and that port 443 is open" if listening
+                        else 'add [[listen]] protocol = "https" port = 443 to serve it')]
         if status != 200:
             return [Row("MTA-STS policy", url, WRONG, f"HTTP {status}", shown,
                         "the https listener must serve /.well-known/mta-sts.txt (RFC 8461 3.3)")]

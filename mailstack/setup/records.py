@@ -135,9 +135,8 @@ def spf_txt(config: Config) -> str:
     return " ".join(["v=spf1", "mx", *config.records.spf_extra, "-all"])
 
 
-def helo_spf_txt(config: Config) -> str:
-    """The host name's own SPF record (RFC 7208 2.3: the HELO identity)."""
-    return "v=spf1 a -all"
+#: The host name's own SPF record (RFC 7208 2.3: the HELO identity, used for bounces).
+HELO_SPF = "v=spf1 a -all"
 
 
 def report_address(value: str, domain: str) -> str:
@@ -193,7 +192,7 @@ def records(config: Config, domain: str) -> list[Record]:
                           "ptr", False, address=address))
     out.append(Record(domain, "TXT", spf_txt(config),
                       f"SPF: only the MX hosts of {domain} send its mail", "spf"))
-    out.append(Record(host, "TXT", helo_spf_txt(config),
+    out.append(Record(host, "TXT", HELO_SPF,
                       f"SPF for {host} itself (bounces and the HELO name)", "spf", host_in_zone))
     for key in load_keys(config.dkim.keys_dir, domain):
         out.append(Record(txt_record_name(domain, key.selector), "TXT", dkim_txt(key),

@@ -9,8 +9,8 @@ Routes (paths compare case-insensitively, as Outlook varies the case):
 ``/autodiscover/autodiscover.json[/v1.0/ADDRESS]``     GET     Outlook's JSON step (AutodiscoverV1)
 ``/apple/mail.mobileconfig?emailaddress=``             GET     Apple configuration profile
 ``/.well-known/mta-sts.txt``                           GET     the MTA-STS policy (RFC 8461 3.3)
-``/.well-known/acme-challenge/TOKEN``                  GET     certbot --webroot ([http] acme_challenge_dir)
-``/metrics``                                           GET     Prometheus ([http] metrics_networks only)
+``/.well-known/acme-challenge/TOKEN``                  GET     certbot --webroot
+``/metrics``                                           GET     Prometheus (metrics_networks only)
 ``/healthz``                                           GET     "ok" while the service runs
 ``/``                                                  GET     a page to download the Apple profile
 =====================================================  ======  =====================================
