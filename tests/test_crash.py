@@ -275,11 +275,11 @@ class KillTests(unittest.TestCase):
     def test_kill_at_random_short_delays(self):
         """Kill at random instants, some of them during start-up and replay."""
         rng = random.Random(os.environ.get("CRASH_SEED", "mailstack"))
-        for n in range(4):
+        for n in range(3):
             self.stream_and_kill(f"r{n}", kill_after_seconds=rng.uniform(0.05, 0.6))
-            # Check at each step: a replay interrupted by the next kill must
-            # still end exactly once.
-            if n % 2:
+            # Check midway: a replay interrupted by the next kill must still
+            # end exactly once.
+            if n == 1:
                 self.restart_and_settle()
                 self.daemon.kill()
                 check_maildirs(self, self.mail_root, self.ledger.acked, self.ledger.inflight)
