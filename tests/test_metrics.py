@@ -105,7 +105,7 @@ class MetricsTests(unittest.TestCase):
         self.sink = Sink()
         sink_port = self.sink.start()
         self.addCleanup(self.sink.stop)
-        sections = {"dns": self.dns.config,
+        sections = {"dns": {**self.dns.config, "timeout": 5.0},
                     "auth": {"allow_plaintext_loopback": True, "failure_delay": 0.0},
                     "policy": {"trusted_networks": [], "checkers": ["spf", "dkim", "dmarc"]},
                     "outbound": {"port": sink_port, "allow_private": True}}

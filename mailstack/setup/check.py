@@ -132,6 +132,8 @@ class Check:
                 rows.append(Row(record.rtype, record.name, ERROR, f"DNS lookup failed: {e}",
                                 record.value, "try again; if it persists, check [dns] and the "
                                               "domain's name servers"))
+        if not self.config.server.public_ipv6:
+            rows.extend(self._guarded(self._check_stray_aaaa, domain))
         if not any(r.kind == "dkim" for r in expected):
             rows.append(Row("DKIM", f"*._domainkey.{domain}", MISSING, "no key on disk",
                             "a signing key", f"run `mailstack dkim keygen {domain}` and publish "
@@ -193,6 +195,15 @@ class Check:
                               f"{record.name} must resolve to this server only: "
                               f"{record.zone_line(self.ttl)}")]
         return [self._row(record, OK, text)]
+
+    def _check_stray_aaaa(self, domain: str) -> list[Row]:
+        """An AAAA record while [server] public_ipv6 is unset: senders using IPv6
+        would try an address this server may not answer on."""
+        found = [r.address for r in self.dns.records(self.host, "AAAA")]
+        if not found:
+            return []
+        return [Row("AAAA", self.host, WRONG, ", ".join(found), "(none: public_ipv6 is unset)",
+                    "remove the AAAA record, or set [server] public_ipv6 and listen on IPv6")]
 
     def _check_ptr(self, record: Record, domain: str) -> list[Row]:
         targets = {_host(r.target) for r in self.dns.records(record.name, "PTR")}
