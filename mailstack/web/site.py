@@ -169,8 +169,12 @@ class Root(resource.Resource):
         domain = self._request_domain(request)
         if domain is None:
             return self._reply(request, 404, "no such mail domain here\n")
+        settings = self.settings()
+        if not settings.incoming or not settings.outgoing:
+            # Thunderbird refuses a document without both; nothing is better.
+            return self._reply(request, 404, "no mail service with TLS is configured\n")
         request.setHeader(b"cache-control", b"max-age=3600")
-        return self._reply(request, 200, clients.thunderbird(self.settings(), domain),
+        return self._reply(request, 200, clients.thunderbird(settings, domain),
                            b"application/xml")
 
     def autodiscover(self, request, path):
