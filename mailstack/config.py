@@ -145,6 +145,10 @@ class SubmissionConfig:
 class POP3Config:
     #: Seconds without a command before the connection is closed (RFC 1939: at least 600).
     idle_timeout: float = 600.0
+    #: Simultaneous POP3 connections on one listener, and from one client IP;
+    #: more get -ERR [SYS/TEMP] and are closed.
+    max_connections: int = 1000
+    max_connections_per_ip: int = 20
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,13 @@ class IMAPConfig:
     max_errors: int = 50
     #: Seconds between looks at an idling client's mailbox where inotify is missing.
     poll_interval: float = 1.0
+    #: Simultaneous IMAP connections on one listener, and from one client IP;
+    #: more get * BYE [UNAVAILABLE] and are closed.
+    max_connections: int = 1000
+    max_connections_per_ip: int = 20
+    #: Logged-in IMAP sessions of one user (all IMAP listeners together);
+    #: another login gets NO [LIMIT].
+    max_sessions_per_user: int = 20
 
 
 @dataclass(frozen=True)
@@ -596,10 +607,14 @@ def _check(config: Config) -> list[str]:
         problems.append("auth.max_failures_per_ip: must be at least 1")
     if config.pop3.idle_timeout <= 0:
         problems.append("pop3.idle_timeout: must be positive")
+    for key in ("max_connections", "max_connections_per_ip"):
+        if getattr(config.pop3, key) < 1:
+            problems.append(f"pop3.{key}: must be at least 1")
     for key in ("login_timeout", "idle_timeout", "poll_interval"):
         if getattr(config.imap, key) <= 0:
             problems.append(f"imap.{key}: must be positive")
-    for key in ("max_mailboxes", "max_auth_failures", "max_errors"):
+    for key in ("max_mailboxes", "max_auth_failures", "max_errors", "max_connections",
+                "max_connections_per_ip", "max_sessions_per_user"):
         if getattr(config.imap, key) < 1:
             problems.append(f"imap.{key}: must be at least 1")
     if config.imap.max_line < 1000:

@@ -109,6 +109,8 @@ class MailstackService(MultiService):
         #: IMAP: the per-folder indexes shared by all sessions, and the IDLE watcher.
         self.imap_indexes = IndexRegistry()
         self.imap_watcher = FolderWatcher(reactor, config.imap.poll_interval)
+        #: Logged-in IMAP sessions by user, over all IMAP listeners.
+        self.imap_user_sessions: dict[str, int] = {}
         realm = MailRealm({IMailboxPOP3: self._open_maildrop,
                            IAccountIMAP: self._open_imap_account,
                            ISender: lambda address: (address, lambda: None)})
@@ -146,7 +148,7 @@ class MailstackService(MultiService):
         if spec.speaks == "imap":
             return IMAPFactory(self.config, self.portal, self.auth_limiter, self.reactor,
                                self.run_blocking, self.imap_watcher, self.tls_context,
-                               spec.implicit_tls)
+                               spec.implicit_tls, user_sessions=self.imap_user_sessions)
         if spec.speaks == "pop3":
             return POP3Factory(self.config, self.portal, self.auth_limiter, self.reactor,
                                self.tls_context, spec.implicit_tls)

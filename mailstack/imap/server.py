@@ -90,7 +90,13 @@ class IMAPServer(SelectedCommands, imap4.IMAP4Server):
         self._push = None
         self._auth_failures = 0
         self._errors = 0
-        self.factory.connections.add(self)
+        self._counted_user: str | None = None
+        refusal = self.factory.admit(self)
+        if refusal is not None:
+            log.info("connection refused: {why}, rip=[{ip}]", why=refusal, ip=self.client_ip)
+            self.sendLine(b"* BYE [UNAVAILABLE] " + refusal.encode() + b", try again later")
+            self.transport.loseConnection()
+            return
         self.setTimeout(self.timeOut)
         self.sendServerGreeting()
 
@@ -382,6 +388,14 @@ class IMAPServer(SelectedCommands, imap4.IMAP4Server):
     def _logged_in(self, result, tag, method: str) -> None:
         _, self.account, self._onLogout = result
         if self.transport.disconnecting:
+            return
+        if not self.factory.add_user_session(self, self.account.address):
+            log.info("login refused: too many sessions, user=<{user}>, rip=[{ip}]",
+                     user=self.account.address, ip=self.client_ip)
+            logout, self._onLogout, self.account = self._onLogout, None, None
+            logout()
+            self.sendNegativeResponse(tag, b"[LIMIT] Too many IMAP sessions for this user; "
+                                           b"close another one first")
             return
         self.user = self.account.address
         self.factory.limiter.succeeded(self.client_ip)
@@ -714,7 +728,7 @@ class IMAPFactory(ServerFactory):
     noisy = False
 
     def __init__(self, config, portal, limiter, clock, run_blocking, watcher,
-                 tls_context=None, implicit_tls: bool = False):
+                 tls_context=None, implicit_tls: bool = False, user_sessions=None):
         self.config = config
         self.portal = portal
         self.limiter = limiter
@@ -724,13 +738,49 @@ class IMAPFactory(ServerFactory):
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
         self.connections: set[IMAPServer] = set()
+        self._per_ip: dict[str, int] = {}
+        #: Logged-in sessions by user; the service shares one dict between
+        #: its IMAP listeners, so [imap] max_sessions_per_user counts them all.
+        self.user_sessions: dict[str, int] = {} if user_sessions is None else user_sessions
         self._closing: list[Deferred] = []
 
     def buildProtocol(self, addr):
         return IMAPServer(self)
 
+    def admit(self, protocol: IMAPServer) -> str | None:
+        """Register a new connection, or say why it is refused ([imap] limits)."""
+        limits = self.config.imap
+        if len(self.connections) >= limits.max_connections:
+            return "Too many connections"
+        if self._per_ip.get(protocol.client_ip, 0) >= limits.max_connections_per_ip:
+            return "Too many connections from your address"
+        self.connections.add(protocol)
+        self._per_ip[protocol.client_ip] = self._per_ip.get(protocol.client_ip, 0) + 1
+        return None
+
+    def add_user_session(self, protocol: IMAPServer, user: str) -> bool:
+        """Count a login of ``user``; False if the user has too many sessions."""
+        if self.user_sessions.get(user, 0) >= self.config.imap.max_sessions_per_user:
+            return False
+        self.user_sessions[user] = self.user_sessions.get(user, 0) + 1
+        protocol._counted_user = user
+        return True
+
     def connection_lost(self, protocol: IMAPServer) -> None:
-        self.connections.discard(protocol)
+        user, protocol._counted_user = getattr(protocol, "_counted_user", None), None
+        if user is not None:
+            left = self.user_sessions.get(user, 1) - 1
+            if left > 0:
+                self.user_sessions[user] = left
+            else:
+                self.user_sessions.pop(user, None)
+        if protocol in self.connections:
+            self.connections.discard(protocol)
+            left = self._per_ip[protocol.client_ip] - 1
+            if left:
+                self._per_ip[protocol.client_ip] = left
+            else:
+                del self._per_ip[protocol.client_ip]
         if not self.connections:
             waiting, self._closing = self._closing, []
             for d in waiting:

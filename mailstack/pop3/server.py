@@ -90,12 +90,19 @@ class POP3Session(pop3.POP3):
         self._output_paused = False
         self._transfer: _Transfer | None = None
         self._stats = {"retr": 0, "retr_bytes": 0, "top": 0, "dele": 0}
+        refusal = self.factory.admit(self)
+        if refusal is not None:
+            log.info("connection refused: {why}, rip=[{ip}]", why=refusal, ip=self.client_ip)
+            self.failResponse(b"[SYS/TEMP] " + refusal.encode() + b", try again later")
+            self.transport.loseConnection()
+            return
         self.transport.registerProducer(self, True)
         self.successResponse(b"mailstack POP3 server ready")
         self.setTimeout(self.timeOut)
 
     def connectionLost(self, reason=None) -> None:
         self._lost = True
+        self.factory.release(self)
         self._end_transfer()
         if self.user is not None:
             s = self._stats
@@ -469,3 +476,27 @@ class POP3Factory(ServerFactory):
         self.clock = clock
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
+        self._sessions: set[POP3Session] = set()
+        self._per_ip: dict[str, int] = {}
+
+    def admit(self, session: POP3Session) -> str | None:
+        """Register a new session, or say why it is refused ([pop3] limits)."""
+        limits = self.config.pop3
+        if len(self._sessions) >= limits.max_connections:
+            return "Too many connections"
+        if self._per_ip.get(session.client_ip, 0) >= limits.max_connections_per_ip:
+            return "Too many connections from your address"
+        self._sessions.add(session)
+        self._per_ip[session.client_ip] = self._per_ip.get(session.client_ip, 0) + 1
+        return None
+
+    def release(self, session: POP3Session) -> None:
+        """Forget a closed session (nothing if it was refused)."""
+        if session not in self._sessions:
+            return
+        self._sessions.discard(session)
+        left = self._per_ip[session.client_ip] - 1
+        if left:
+            self._per_ip[session.client_ip] = left
+        else:
+            del self._per_ip[session.client_ip]

@@ -1,0 +1,201 @@
+"""Hardening: connection limits on IMAP and POP3, sessions per IMAP user,
+per-account login failure limits (SECURITY-TESTS LIM, AUTH-5).
+
+Real sockets on loopback against an in-process instance. Other loopback
+addresses (127.0.0.2) stand in for a second client address.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from tests.support.instance import PASSWORD, Instance, in_thread, wait_for
+
+ALICE = "alice@example.test"
+DEMO = "demo@example.test"
+
+
+def start(test, listen, **sections) -> Instance:
+    sections.setdefault("auth", {})
+    sections["auth"] = {"allow_plaintext_loopback": True, "failure_delay": 0.01,
+                        **sections["auth"]}
+    instance = Instance(test.mktemp(), listen=listen, sections=sections)
+    instance.start()
+    test.addCleanup(lambda: instance.stop() if instance.service.running else None)
+    return instance
+
+
+class Peer:
+    """A line client from a chosen loopback source address."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1", tls: bool = False):
+        sock = socket.socket()
+        sock.settimeout(10)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", port))
+        if tls:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            sock = ctx.wrap_socket(sock)
+        self.sock = sock
+        self.file = sock.makefile("rb")
+        self.greeting = self.line()
+
+    def line(self) -> bytes:
+        return self.file.readline()
+
+    def cmd(self, command: bytes, tag: bytes | None = None) -> list[bytes]:
+        """Send a command; IMAP: lines up to the tagged reply, POP3: the one reply line."""
+        self.sock.sendall(command + b"\r\n")
+        if tag is None:
+            return [self.line()]
+        lines = []
+        while True:
+            line = self.line()
+            if not line:
+                raise EOFError(b"".join(lines))
+            lines.append(line)
+            if line.startswith(tag + b" "):
+                return lines
+
+    def closed(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except (ConnectionResetError, ssl.SSLError):
+            return True
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+class _LimitTests:
+    listen: tuple
+    section: str
+    plain: str
+    tls: str
+
+    def refused(self, peer: Peer) -> bool:
+        raise NotImplementedError
+
+    def accepted(self, peer: Peer) -> bool:
+        raise NotImplementedError
+
+    @defer.inlineCallbacks
+    def test_per_ip_limit(self):
+        instance = start(self, self.listen, **{self.section: {"max_connections_per_ip": 2}})
+        port = instance.port(self.plain)
+
+        def check():
+            a, b = Peer(port), Peer(port)
+            assert self.accepted(a) and self.accepted(b)
+            c = Peer(port)
+            assert self.refused(c), c.greeting
+            assert c.closed()
+            # Another address is not affected.
+            d = Peer(port, "127.0.0.2")
+            assert self.accepted(d), d.greeting
+            # Each listener counts its own connections (as SMTP's do).
+            e = Peer(instance.port(self.tls), tls=True)
+            assert self.accepted(e), e.greeting
+            a.close()
+            return b, d, e
+
+        kept = yield in_thread(check)
+        # The closed connection is released; a new one from the address is accepted.
+
+        def again():
+            import time
+            deadline = time.monotonic() + 10
+            while True:
+                p = Peer(port)
+                if self.accepted(p):
+                    return p
+                assert time.monotonic() < deadline, p.greeting
+                p.close()
+                time.sleep(0.05)
+
+        p = yield in_thread(again)
+        for peer in (*kept, p):
+            peer.close()
+
+    @defer.inlineCallbacks
+    def test_total_limit(self):
+        instance = start(self, self.listen, **{self.section: {"max_connections": 2}})
+        port = instance.port(self.plain)
+
+        def check():
+            a, b = Peer(port), Peer(port, "127.0.0.2")
+            assert self.accepted(a) and self.accepted(b)
+            c = Peer(port, "127.0.0.3")
+            assert self.refused(c), c.greeting
+            assert c.closed()
+            for p in (a, b):
+                p.close()
+
+        yield in_thread(check)
+
+
+class POP3LimitTests(_LimitTests, unittest.TestCase):
+    timeout = 60
+    listen = (("smtp", 0), ("pop3", 0), ("pop3s", 0))
+    section, plain, tls = "pop3", "pop3", "pop3s"
+
+    def accepted(self, peer):
+        return peer.greeting.startswith(b"+OK")
+
+    def refused(self, peer):
+        return peer.greeting.startswith(b"-ERR [SYS/TEMP] Too many connections")
+
+
+class IMAPLimitTests(_LimitTests, unittest.TestCase):
+    timeout = 60
+    listen = (("smtp", 0), ("imap", 0), ("imaps", 0))
+    section, plain, tls = "imap", "imap", "imaps"
+
+    def accepted(self, peer):
+        return peer.greeting.startswith(b"* OK")
+
+    def refused(self, peer):
+        return peer.greeting.startswith(b"* BYE [UNAVAILABLE] Too many connections")
+
+    @defer.inlineCallbacks
+    def test_sessions_per_user(self):
+        instance = start(self, self.listen, imap={"max_sessions_per_user": 2})
+        port, tls_port = instance.port("imap"), instance.port("imaps")
+        login = b' "' + PASSWORD.encode() + b'"'
+
+        def check():
+            a = Peer(port)
+            assert a.cmd(b"a LOGIN " + DEMO.encode() + login, b"a")[-1].startswith(b"a OK")
+            b = Peer(tls_port, tls=True)
+            assert b.cmd(b"b LOGIN " + DEMO.encode() + login, b"b")[-1].startswith(b"b OK")
+            # A third session, on either listener: NO [LIMIT], still not logged in.
+            c = Peer(port)
+            reply = c.cmd(b"c LOGIN " + DEMO.encode() + login, b"c")[-1]
+            assert reply.startswith(b"c NO [LIMIT] "), reply
+            assert c.cmd(b"c2 SELECT INBOX", b"c2")[-1].startswith(b"c2 BAD"), "not logged in"
+            # Another user is not affected.
+            assert c.cmd(b"c3 LOGIN " + ALICE.encode() + login, b"c3")[-1].startswith(b"c3 OK")
+            # A LOGOUT frees a place.
+            assert b.cmd(b"b2 LOGOUT", b"b2")[-1].startswith(b"b2 OK")
+            b.close()
+            return a, c
+
+        a, c = yield in_thread(check)
+        yield wait_for(lambda: instance.service.imap_user_sessions.get(DEMO) == 1)
+
+        def again():
+            d = Peer(port)
+            reply = d.cmd(b"d LOGIN " + DEMO.encode() + login, b"d")[-1]
+            assert reply.startswith(b"d OK"), reply
+            for p in (a, c, d):
+                p.close()
+
+        yield in_thread(again)
+        yield wait_for(lambda: not instance.service.imap_user_sessions)
