@@ -128,6 +128,9 @@ class AuthConfig:
     #: further attempts are refused for the rest of the window.
     max_failures_per_ip: int = 10
     failure_window: float = 300.0
+    #: Failed logins for one account (from any address) within failure_window
+    #: before IMAP and POP3 logins to it are refused for the rest of the window.
+    max_failures_per_account: int = 20
     #: Password checks running at once (each takes argon2's 64 MiB briefly).
     max_concurrent_checks: int = 4
 
@@ -605,6 +608,8 @@ def _check(config: Config) -> list[str]:
         problems.append("auth.max_concurrent_checks: must be at least 1")
     if config.auth.max_failures_per_ip < 1:
         problems.append("auth.max_failures_per_ip: must be at least 1")
+    if config.auth.max_failures_per_account < 1:
+        problems.append("auth.max_failures_per_account: must be at least 1")
     if config.pop3.idle_timeout <= 0:
         problems.append("pop3.idle_timeout: must be positive")
     for key in ("max_connections", "max_connections_per_ip"):

@@ -119,6 +119,9 @@ class MailstackService(MultiService):
         auth = config.auth
         #: Failed logins per client address, shared by every protocol.
         self.auth_limiter = FailureLimiter(auth.max_failures_per_ip, auth.failure_window, reactor)
+        #: Failed logins per account (IMAP and POP3; SMTP AUTH not yet).
+        self.account_limiter = FailureLimiter(auth.max_failures_per_account,
+                                              auth.failure_window, reactor)
         #: POP3 sizes (CRLF line ends) by message, so a login reads each file once.
         self._pop3_sizes: dict[str, int] = {}
         self.listeners: list[ListenerService] = []
@@ -148,10 +151,12 @@ class MailstackService(MultiService):
         if spec.speaks == "imap":
             return IMAPFactory(self.config, self.portal, self.auth_limiter, self.reactor,
                                self.run_blocking, self.imap_watcher, self.tls_context,
-                               spec.implicit_tls, user_sessions=self.imap_user_sessions)
+                               spec.implicit_tls, user_sessions=self.imap_user_sessions,
+                               account_limiter=self.account_limiter)
         if spec.speaks == "pop3":
             return POP3Factory(self.config, self.portal, self.auth_limiter, self.reactor,
-                               self.tls_context, spec.implicit_tls)
+                               self.tls_context, spec.implicit_tls,
+                               account_limiter=self.account_limiter)
         return SMTPFactory(self.config, spec.role, self.directory, self.spool, self.queued,
                            self.run_blocking, self.tls_context, spec.implicit_tls,
                            self.portal, self.auth_limiter, self.reactor,

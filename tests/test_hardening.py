@@ -7,11 +7,16 @@ addresses (127.0.0.2) stand in for a second client address.
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 
 from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
+
+from mailstack.auth.limiter import FailureLimiter, account_key
 
 from tests.support.instance import PASSWORD, Instance, in_thread, wait_for
 
@@ -199,3 +204,111 @@ class IMAPLimitTests(_LimitTests, unittest.TestCase):
 
         yield in_thread(again)
         yield wait_for(lambda: not instance.service.imap_user_sessions)
+
+
+class AccountLockTests(unittest.TestCase):
+    """AUTH-5: failures for one account from many addresses lock it for the window."""
+
+    timeout = 60
+    listen = (("smtp", 0), ("imap", 0), ("pop3", 0))
+
+    def setUp(self):
+        self.instance = start(self, self.listen,
+                              auth={"max_failures_per_account": 3, "max_failures_per_ip": 100,
+                                    "failure_window": 60.0})
+        self.logged: list[str] = []
+
+        def observer(event):
+            if event.get("log_namespace", "").startswith("mailstack"):
+                self.logged.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def imap_login(self, user: str, password: str, source: str) -> bytes:
+        p = Peer(self.instance.port("imap"), source)
+        try:
+            return p.cmd(b'a LOGIN "' + user.encode() + b'" "' + password.encode() + b'"',
+                         b"a")[-1]
+        finally:
+            p.close()
+
+    def pop3_login(self, user: str, password: str, source: str) -> bytes:
+        p = Peer(self.instance.port("pop3"), source)
+        try:
+            assert p.cmd(b"USER " + user.encode())[0].startswith(b"+OK")
+            return p.cmd(b"PASS " + password.encode())[0]
+        finally:
+            p.close()
+
+    @defer.inlineCallbacks
+    def test_lock_out_across_addresses_and_protocols(self):
+        def check():
+            # Three wrong passwords from three addresses, over both protocols.
+            assert self.imap_login(ALICE, "bad1", "127.0.0.1").startswith(
+                b"a NO [AUTHENTICATIONFAILED]")
+            assert self.pop3_login(ALICE, "bad2", "127.0.0.2").startswith(b"-ERR [AUTH]")
+            assert self.imap_login("Alice@EXAMPLE.test", "bad3", "127.0.0.3").startswith(
+                b"a NO [AUTHENTICATIONFAILED]")
+            # Now even the right password is refused, from a new address, in any spelling.
+            reply = self.imap_login(ALICE, PASSWORD, "127.0.0.4")
+            assert reply.startswith(b"a NO [UNAVAILABLE] Too many failed logins for this "
+                                    b"account"), reply
+            reply = self.pop3_login("ALICE@example.test", PASSWORD, "127.0.0.5")
+            assert reply.startswith(b"-ERR [SYS/TEMP] Too many failed logins for this "
+                                    b"account"), reply
+            # Other accounts are not affected.
+            assert self.imap_login(DEMO, PASSWORD, "127.0.0.4").startswith(b"a OK")
+            assert self.pop3_login(DEMO, PASSWORD, "127.0.0.5").startswith(b"+OK")
+            # Unknown accounts lock the same way (the reply does not tell them apart).
+            for source in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
+                self.imap_login("nobody@example.test", PASSWORD, source)
+            reply = self.imap_login("nobody@example.test", PASSWORD, "127.0.0.6")
+            assert reply.startswith(b"a NO [UNAVAILABLE] Too many failed logins for this "
+                                    b"account"), reply
+
+        yield in_thread(check)
+        self.assertIn("auth failed: rip=[127.0.0.2], user=<alice@example.test>", self.logged)
+        self.assertIn("auth locked: rip=[127.0.0.4], user=<alice@example.test>", self.logged)
+        self.assertIn("auth locked: rip=[127.0.0.5], user=<alice@example.test>", self.logged)
+        # The fail2ban filter of the README matches both kinds of line.
+        pattern = re.compile(r"\] auth (?:failed|locked): rip=\[(?P<host>[0-9.]+)\], user=")
+        hosts = {m.group("host") for line in self.logged
+                 for m in [pattern.search("[mailstack.imap#info" + "] " + line)] if m}
+        self.assertTrue({"127.0.0.1", "127.0.0.2", "127.0.0.4", "127.0.0.5"} <= hosts, hosts)
+
+    @defer.inlineCallbacks
+    def test_lock_expires_with_the_window(self):
+        limiter = self.instance.service.account_limiter
+        clock = Clock()
+        limiter._clock = clock
+        for _ in range(3):
+            limiter.failed(ALICE)
+
+        def locked():
+            return self.imap_login(ALICE, PASSWORD, "127.0.0.1")
+
+        reply = yield in_thread(locked)
+        self.assertTrue(reply.startswith(b"a NO [UNAVAILABLE]"), reply)
+        clock.advance(61)
+        reply = yield in_thread(locked)
+        self.assertTrue(reply.startswith(b"a OK"), reply)
+
+
+class AccountKeyTests(unittest.TestCase):
+    def test_names(self):
+        self.assertEqual(account_key(b"Alice@Example.TEST"), "alice@example.test")
+        self.assertEqual(account_key(" alice@example.test"), "alice@example.test")
+        for bad in (b"\xff@x.test", b"alice", b"../bob@x.test", b"a\0b@x.test"):
+            self.assertIsNone(account_key(bad), bad)
+
+    def test_bounded_bookkeeping(self):
+        clock = Clock()
+        limiter = FailureLimiter(2, 60.0, clock, max_entries=100)
+        for i in range(1000):
+            limiter.failed(f"user{i}@example.test")
+        self.assertEqual(len(limiter._failures), 100)
+        limiter.failed("user999@example.test")
+        self.assertTrue(limiter.blocked("user999@example.test"))
+        clock.advance(61)
+        self.assertFalse(limiter.blocked("user999@example.test"))

@@ -5,11 +5,19 @@ Each failure is remembered for ``window`` seconds; an address with
 expires. The table holds at most ``max_entries`` addresses (the least
 recently failing are forgotten first), so an attacker with many addresses
 cannot grow it without bound (SECURITY-TESTS AUTH-5).
+
+The same class, keyed by ``account_key``, limits failures per account
+(``[auth] max_failures_per_account``): guesses at one account from many
+addresses lock it for the rest of the window. The lock-out is decided before
+the password is checked, and for unknown accounts as for real ones, so its
+reply tells nothing about which accounts exist (AUTH-6).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+
+from mailstack.addresses import BadAddress, canonical
 
 
 class FailureLimiter:
@@ -44,3 +52,14 @@ class FailureLimiter:
 
     def succeeded(self, key: str) -> None:
         self._failures.pop(key, None)
+
+
+def account_key(user: bytes | str) -> str | None:
+    """The account a login name stands for (``Alice@Example.test`` is
+    ``alice@example.test``), or None for a name no account can have."""
+    try:
+        if isinstance(user, bytes):
+            user = user.decode("utf-8")
+        return canonical(user)
+    except (UnicodeDecodeError, BadAddress):
+        return None

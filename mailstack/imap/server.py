@@ -39,6 +39,7 @@ from twisted.mail import imap4
 from twisted.python.failure import Failure
 
 import mailstack
+from mailstack.auth.limiter import account_key
 from mailstack.imap.account import Account
 from mailstack.imap.mailbox import SelectedMailbox
 from mailstack.imap.mime import quote
@@ -381,6 +382,14 @@ class IMAPServer(SelectedCommands, imap4.IMAP4Server):
             self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins from your "
                                            b"address; try again later")
             return
+        account = account_key(user)
+        accounts = self.factory.account_limiter
+        if accounts is not None and account is not None and accounts.blocked(account):
+            # One line a fail2ban filter can match (see the README).
+            log.info("auth locked: rip=[{ip}], user=<{user}>", ip=self.client_ip, user=account)
+            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins for this "
+                                           b"account; try again later")
+            return
         d = self.factory.portal.login(UsernamePassword(user, password), None, imap4.IAccount)
         d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(tag, method),
                        errbackArgs=(tag, user))
@@ -413,6 +422,9 @@ class IMAPServer(SelectedCommands, imap4.IMAP4Server):
             self.sendNegativeResponse(tag, b"[UNAVAILABLE] Internal error, try again later")
             return None
         self.factory.limiter.failed(self.client_ip)
+        account = account_key(user)
+        if self.factory.account_limiter is not None and account is not None:
+            self.factory.account_limiter.failed(account)
         self._auth_failures += 1
         log.info("auth failed: rip=[{ip}], user=<{user}>",
                  user=user.decode("utf-8", "replace")[:100], ip=self.client_ip)
@@ -728,10 +740,13 @@ class IMAPFactory(ServerFactory):
     noisy = False
 
     def __init__(self, config, portal, limiter, clock, run_blocking, watcher,
-                 tls_context=None, implicit_tls: bool = False, user_sessions=None):
+                 tls_context=None, implicit_tls: bool = False, user_sessions=None,
+                 account_limiter=None):
         self.config = config
         self.portal = portal
         self.limiter = limiter
+        #: Failures per account (``account_key``), shared with POP3; None: no limit.
+        self.account_limiter = account_limiter
         self.clock = clock
         self.run_blocking = run_blocking
         self.watcher = watcher

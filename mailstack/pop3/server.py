@@ -44,6 +44,7 @@ from twisted.mail.interfaces import IMailboxPOP3
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailstack.auth.limiter import account_key
 from mailstack.pop3.wire import CHUNK, WireEncoder, message_chunks, top_chunks
 from mailstack.smtp.framing import LineSplitter
 from mailstack.store.folder import MailboxInUse
@@ -283,6 +284,14 @@ class POP3Session(pop3.POP3):
             self.failResponse(b"[SYS/TEMP] Too many failed logins from your address; "
                               b"try again later")
             return
+        account = account_key(user)
+        accounts = self.factory.account_limiter
+        if accounts is not None and account is not None and accounts.blocked(account):
+            # One line a fail2ban filter can match (see the README).
+            log.info("auth locked: rip=[{ip}], user=<{user}>", ip=self.client_ip, user=account)
+            self.failResponse(b"[SYS/TEMP] Too many failed logins for this account; "
+                              b"try again later")
+            return
         d = self.factory.portal.login(UsernamePassword(user, password), None, IMailboxPOP3)
         d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(method,),
                        errbackArgs=(user,))
@@ -311,6 +320,9 @@ class POP3Session(pop3.POP3):
             self.failResponse(b"[SYS/TEMP] Internal error, try again later")
             return None
         self.factory.limiter.failed(self.client_ip)
+        account = account_key(user)
+        if self.factory.account_limiter is not None and account is not None:
+            self.factory.account_limiter.failed(account)
         # One line a fail2ban filter can match (see the README).
         log.info("auth failed: rip=[{ip}], user=<{user}>",
                  user=user.decode("utf-8", "replace")[:100], ip=self.client_ip)
@@ -469,10 +481,12 @@ class POP3Factory(ServerFactory):
     noisy = False
 
     def __init__(self, config, portal, limiter, clock, tls_context=None,
-                 implicit_tls: bool = False):
+                 implicit_tls: bool = False, account_limiter=None):
         self.config = config
         self.portal = portal
         self.limiter = limiter
+        #: Failures per account (``account_key``), shared with IMAP; None: no limit.
+        self.account_limiter = account_limiter
         self.clock = clock
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
