@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 
 from twisted.application.service import MultiService, Service
@@ -80,6 +82,8 @@ class ListenerService(Service):
 
 
 class MailstackService(MultiService):
+    _previous_sighup = None
+
     def __init__(self, config: Config, reactor=None):
         super().__init__()
         if reactor is None:
@@ -237,7 +241,24 @@ class MailstackService(MultiService):
                 return listener.port.getHost().port
         raise KeyError(protocol)
 
+    def reload(self) -> None:
+        """SIGHUP: read the TLS certificate and key again (sessions stay)."""
+        if self.tls_context is None:
+            return
+        try:
+            self.tls_context.reload()
+        except tls.TLSSetupError as e:
+            log.error("TLS reload failed, keeping the previous certificate: {err}", err=e)
+        else:
+            log.info("TLS certificate and key reloaded from {cert}",
+                     cert=self.config.tls.certificate)
+
+    def _sighup(self, signum, frame) -> None:
+        self.reactor.callFromThread(self.reload)
+
     def startService(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
         self.pool.start()
         self.mail_root.ensure()
         removed = self.mail_root.clean_tmp()
@@ -251,6 +272,9 @@ class MailstackService(MultiService):
         super().startService()
 
     def stopService(self) -> Deferred:
+        previous, self._previous_sighup = self._previous_sighup, None
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, previous)
         d = super().stopService()
 
         d.addBoth(lambda result: self.outbound.stop().addCallback(lambda _: result))

@@ -3,7 +3,8 @@
 The certificate file may hold a full chain (certbot's ``fullchain.pem``): the
 first certificate is the server's, the rest are sent as the chain. TLS 1.2 is
 the minimum (RFC 8996) and TLS 1.2 suites are limited to forward-secret AEAD
-ones (RFC 9325); TLS 1.3 suites are OpenSSL's defaults.
+ones (RFC 9325); TLS 1.3 suites are OpenSSL's defaults. ``ServerContext``
+reads the files again on SIGHUP (see service.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory, IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 from mailstack.config import OutboundConfig, TLSConfig
 
@@ -29,10 +32,41 @@ class TLSSetupError(Exception):
     """The certificate or key cannot be used; the text says which and why."""
 
 
-def server_context(tls: TLSConfig) -> ssl.CertificateOptions | None:
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
+class ServerContext:
+    """The server TLS settings of every listener, reloadable from the files.
+
+    Listeners and STARTTLS hold this one object; each new handshake asks it
+    for a connection, so after ``reload`` new handshakes use the new
+    certificate while sessions already in TLS keep theirs (SIGHUP, e.g. from
+    certbot's deploy hook). A certificate or key that cannot be used is
+    reported and the previous one stays.
+    """
+
+    def __init__(self, tls: TLSConfig):
+        self._tls = tls
+        self._options = _load(tls)
+
+    def reload(self) -> None:
+        """Read the certificate and key again; TLSSetupError leaves the old ones."""
+        self._options = _load(self._tls)
+
+    def getContext(self):
+        return self._options.getContext()
+
+    def serverConnectionForTLS(self, protocol):
+        return self._options.serverConnectionForTLS(protocol)
+
+
+def server_context(tls: TLSConfig) -> ServerContext | None:
     """The context for TLS listeners and STARTTLS, or None when TLS is not configured."""
     if tls.certificate is None or tls.private_key is None:
         return None
+    return ServerContext(tls)
+
+
+def _load(tls: TLSConfig) -> ssl.CertificateOptions:
+    """CertificateOptions from the files named by the config, checked."""
     try:
         chain = _PEM_CERT.findall(tls.certificate.read_bytes())
         key = tls.private_key.read_bytes()
@@ -45,13 +79,18 @@ def server_context(tls: TLSConfig) -> ssl.CertificateOptions | None:
         extra = [ssl.Certificate.loadPEM(c).original for c in chain[1:]]
     except Exception as e:  # pyOpenSSL raises its own error types
         raise TLSSetupError(f"{tls.certificate} / {tls.private_key}: {e}") from None
-    return ssl.CertificateOptions(
+    options = ssl.CertificateOptions(
         privateKey=server.privateKey.original,
         certificate=server.original,
         extraCertChain=extra,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
     )
+    try:
+        options.getContext()  # checks that the key belongs to the certificate
+    except Exception as e:
+        raise TLSSetupError(f"{tls.certificate} / {tls.private_key}: {e}") from None
+    return options
 
 
 def client_context(outbound: OutboundConfig):

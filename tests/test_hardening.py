@@ -7,9 +7,20 @@ addresses (127.0.0.2) stand in for a second client address.
 
 from __future__ import annotations
 
+import datetime
+import imaplib
+import os
 import re
+import signal
 import socket
 import ssl
+import time
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -18,7 +29,8 @@ from twisted.trial import unittest
 
 from mailstack.auth.limiter import FailureLimiter, account_key
 
-from tests.support.instance import PASSWORD, Instance, in_thread, wait_for
+from tests.support.instance import (HOSTNAME, PASSWORD, DaemonProcess, Instance, free_port,
+                                    in_thread, wait_for)
 
 ALICE = "alice@example.test"
 DEMO = "demo@example.test"
@@ -312,3 +324,111 @@ class AccountKeyTests(unittest.TestCase):
         self.assertTrue(limiter.blocked("user999@example.test"))
         clock.advance(61)
         self.assertFalse(limiter.blocked("user999@example.test"))
+
+
+def _certbot_pair(directory: Path, hostname: str, n: int) -> tuple[Path, Path, bytes]:
+    """A certificate issued by a throw-away CA, written the way certbot does:
+    ``archive/fullchainN.pem`` (leaf then CA) and ``archive/privkeyN.pem``
+    (PKCS#8). Returns the two paths and the leaf in DER."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def build(subject, issuer, public_key, signer, ca):
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+                .public_key(public_key).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=90))
+                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                .sign(signer, hashes.SHA256()))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Test CA {n}")])
+    ca = build(ca_name, ca_name, ca_key.public_key(), ca_key, True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]), ca_name,
+                 key.public_key(), ca_key, False)
+    archive = directory / "archive"
+    archive.mkdir(exist_ok=True, mode=0o700)
+    fullchain, privkey = archive / f"fullchain{n}.pem", archive / f"privkey{n}.pem"
+    fullchain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM)
+                          + ca.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(privkey, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return fullchain, privkey, leaf.public_bytes(serialization.Encoding.DER)
+
+
+def _point(link: Path, target: Path) -> None:
+    """Replace ``link`` by a symlink to ``target`` atomically (as certbot renews live/)."""
+    tmp = link.with_name(link.name + ".new")
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+class TLSReloadTests(unittest.TestCase):
+    """SIGHUP: new handshakes get the new certificate, sessions in TLS stay."""
+
+    timeout = 120
+
+    def served(self, port: int) -> bytes:
+        return ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate(("127.0.0.1", port),
+                                                                    timeout=10))
+
+    def wait_served(self, port: int, der: bytes) -> None:
+        deadline = time.monotonic() + 15
+        while self.served(port) != der:
+            assert time.monotonic() < deadline, "the new certificate is not served"
+            time.sleep(0.1)
+
+    @staticmethod
+    def _close(session) -> None:
+        try:
+            session.shutdown()
+        except OSError:
+            pass
+
+    def test_sighup_reloads_certificate_and_key(self):
+        root = Path(self.mktemp()).resolve()
+        smtp_port, imaps_port = free_port(), free_port()
+        daemon = DaemonProcess(root, listen=(("smtp", smtp_port), ("imaps", imaps_port)))
+        daemon.port = smtp_port
+        daemon.start()
+        self.addCleanup(daemon.stop)
+        cert, key = root / "cert.pem", root / "key.pem"
+        first = self.served(imaps_port)
+
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        session = imaplib.IMAP4_SSL("127.0.0.1", imaps_port, ssl_context=ctx, timeout=10)
+        self.addCleanup(self._close, session)
+        session.login(DEMO, PASSWORD)
+        self.assertEqual(session.select("INBOX")[0], "OK")
+
+        # certbot renews: new files in archive/, the configured names become
+        # symlinks to them, and a deploy hook sends SIGHUP.
+        fullchain, privkey, second = _certbot_pair(root, HOSTNAME, 2)
+        _point(cert, fullchain)
+        _point(key, privkey)
+        self.assertEqual(self.served(imaps_port), first, "nothing changes before SIGHUP")
+        os.kill(daemon.proc.pid, signal.SIGHUP)
+        self.wait_served(imaps_port, second)
+
+        # The session opened before the reload goes on working.
+        self.assertEqual(session.noop()[0], "OK")
+        self.assertEqual(session.select("INBOX")[0], "OK")
+        self.assertEqual(session.list()[0], "OK")
+
+        # A broken renewal (key of another certificate) is refused; the
+        # server keeps the certificate it had and logs why.
+        _, other_key, _ = _certbot_pair(root, HOSTNAME, 3)
+        _point(key, other_key)
+        os.kill(daemon.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while "TLS reload failed" not in daemon.log.read_text():
+            self.assertLess(time.monotonic(), deadline, "no reload error logged")
+            time.sleep(0.1)
+        self.assertEqual(self.served(imaps_port), second)
+        self.assertEqual(session.noop()[0], "OK")
+        self.assertIsNone(daemon.proc.poll(), "the server is still running")
+        session.logout()
