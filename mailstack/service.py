@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import stat
 import threading
 import time
 
@@ -256,7 +258,45 @@ class MailstackService(MultiService):
     def _sighup(self, signum, frame) -> None:
         self.reactor.callFromThread(self.reload)
 
+    def check_modes(self) -> list[str]:
+        """Warn about secrets and mail that other local users could read.
+
+        Directories that group or others may enter, key and password files
+        that group or others may read (a TLS key may be group-readable:
+        root:mail 0640 is how the README's certbot hook installs it).
+        """
+        server, problems = self.config.server, []
+
+        def check(path, mask: int, what: str) -> None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return
+            mode = st.st_mode & 0o777
+            if mode & mask:
+                want = "0700" if stat.S_ISDIR(st.st_mode) else "0600"
+                problems.append(f"{what} {path} has mode {mode:04o}; use {want}")
+
+        check(server.mail_root, 0o077, "mail root directory")
+        check(server.spool_dir, 0o077, "spool directory")
+        check(server.users_file, 0o077, "users file")
+        if self.config.tls.private_key is not None:
+            check(self.config.tls.private_key, 0o007, "TLS private key")
+        keys_dir = self.config.dkim.keys_dir
+        try:
+            domains = sorted(p for p in keys_dir.iterdir() if p.is_dir())
+        except OSError:
+            domains = []
+        for domain in domains:
+            check(domain, 0o077, "DKIM key directory")
+            for key in sorted(domain.iterdir()):
+                check(key, 0o077, "DKIM private key")
+        for problem in problems:
+            log.warn("insecure permissions: {problem}", problem=problem)
+        return problems
+
     def startService(self) -> None:
+        self.check_modes()
         if threading.current_thread() is threading.main_thread():
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
         self.pool.start()

@@ -14,6 +14,8 @@ import re
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from twisted.trial import unittest
 from mailstack.auth.limiter import FailureLimiter, account_key
 
 from tests.support.instance import (HOSTNAME, PASSWORD, DaemonProcess, Instance, free_port,
-                                    in_thread, wait_for)
+                                    in_thread, wait_for, write_instance)
 
 ALICE = "alice@example.test"
 DEMO = "demo@example.test"
@@ -432,3 +434,77 @@ class TLSReloadTests(unittest.TestCase):
         self.assertEqual(session.noop()[0], "OK")
         self.assertIsNone(daemon.proc.poll(), "the server is still running")
         session.logout()
+
+
+class ModeTests(unittest.TestCase):
+    """What `mailstack init`, the store and the queue create is the owner's alone."""
+
+    timeout = 120
+
+    def test_init_under_a_lax_umask(self):
+        root = Path(self.mktemp()).resolve()
+        config = write_instance(root, users=(), tls=False,
+                                server={"mail_root": "data/mail", "spool_dir": "data/spool"})
+        with open(config, "a") as f:
+            f.write('[tls]\ncertificate = "tls/cert.pem"\nprivate_key = "tls/key.pem"\n')
+        done = subprocess.run([sys.executable, "-m", "mailstack.cli", "init", "--user",
+                               DEMO, "--config", str(config)],
+                              capture_output=True, text=True, timeout=60, cwd=root,
+                              preexec_fn=lambda: os.umask(0o022))
+        self.assertEqual(done.returncode, 0, done.stderr)
+
+        def mode(path: Path) -> int:
+            return path.stat().st_mode & 0o777
+
+        self.assertEqual(mode(root / "data" / "mail"), 0o700)
+        for sub in ("", "tmp", "queue"):
+            self.assertEqual(mode(root / "data" / "spool" / sub), 0o700, sub)
+        self.assertEqual(mode(root / "users"), 0o600)
+        self.assertEqual(mode(root / "tls" / "key.pem"), 0o600)
+        domain_keys = root / "dkim" / "example.test"
+        self.assertEqual(mode(domain_keys), 0o700)
+        keys = list(domain_keys.iterdir())
+        self.assertTrue(keys)
+        for key in keys:
+            self.assertEqual(mode(key), 0o600, key)
+
+    @defer.inlineCallbacks
+    def test_delivered_mail_and_start_up_warnings(self):
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+        instance = Instance(self.mktemp(), listen=(("smtp", 0),))
+        self.assertEqual(instance.service.check_modes(), [])
+        instance.start()
+        self.addCleanup(instance.stop)
+
+        def send():
+            import smtplib
+            with smtplib.SMTP("127.0.0.1", instance.smtp_port, timeout=10) as client:
+                client.sendmail("sender@remote.test", [DEMO],
+                                b"From: <sender@remote.test>\r\nSubject: x\r\n\r\nbody\r\n")
+
+        yield in_thread(send)
+        yield wait_for(lambda: instance.messages(DEMO))
+        mail_root = instance.config.server.mail_root
+        for path in [mail_root, *mail_root.rglob("*")]:
+            want = 0o700 if path.is_dir() else 0o600
+            self.assertEqual(path.stat().st_mode & 0o777, want, path)
+        spool = instance.config.server.spool_dir
+        for path in [spool, *spool.rglob("*")]:
+            if path.is_dir():
+                self.assertEqual(path.stat().st_mode & 0o777, 0o700, path)
+            else:
+                self.assertEqual(path.stat().st_mode & 0o077, 0, path)
+
+        # Made lax by hand: each one is named at start-up.
+        mail_root.chmod(0o755)
+        instance.config.server.users_file.chmod(0o644)
+        instance.config.tls.private_key.chmod(0o644)
+        problems = instance.service.check_modes()
+        self.assertEqual(len(problems), 3, problems)
+        self.assertIn(f"mail root directory {mail_root} has mode 0755; use 0700", problems)
+        self.assertTrue(any("users file" in p and "use 0600" in p for p in problems))
+        self.assertTrue(any("TLS private key" in p for p in problems))
+        # root:mail 0640 for the TLS key (the README's certbot hook) is fine.
+        instance.config.tls.private_key.chmod(0o640)
+        self.assertEqual(len(instance.service.check_modes()), 2)
