@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 
 import mailstack
 from mailstack.auth.limiter import account_key
+from mailstack.connections import ConnectionLimits
 from mailstack.imap.account import Account
 from mailstack.imap.mailbox import SelectedMailbox
 from mailstack.imap.mime import quote
@@ -752,8 +753,8 @@ class IMAPFactory(ServerFactory):
         self.watcher = watcher
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
-        self.connections: set[IMAPServer] = set()
-        self._per_ip: dict[str, int] = {}
+        self.limits = ConnectionLimits(config.imap.max_connections,
+                                       config.imap.max_connections_per_ip)
         #: Logged-in sessions by user; the service shares one dict between
         #: its IMAP listeners, so [imap] max_sessions_per_user counts them all.
         self.user_sessions: dict[str, int] = {} if user_sessions is None else user_sessions
@@ -762,16 +763,14 @@ class IMAPFactory(ServerFactory):
     def buildProtocol(self, addr):
         return IMAPServer(self)
 
+    @property
+    def connections(self):
+        """The open (admitted) connections."""
+        return self.limits.connections.keys()
+
     def admit(self, protocol: IMAPServer) -> str | None:
         """Register a new connection, or say why it is refused ([imap] limits)."""
-        limits = self.config.imap
-        if len(self.connections) >= limits.max_connections:
-            return "Too many connections"
-        if self._per_ip.get(protocol.client_ip, 0) >= limits.max_connections_per_ip:
-            return "Too many connections from your address"
-        self.connections.add(protocol)
-        self._per_ip[protocol.client_ip] = self._per_ip.get(protocol.client_ip, 0) + 1
-        return None
+        return self.limits.admit(protocol, protocol.client_ip)
 
     def add_user_session(self, protocol: IMAPServer, user: str) -> bool:
         """Count a login of ``user``; False if the user has too many sessions."""
@@ -789,13 +788,7 @@ class IMAPFactory(ServerFactory):
                 self.user_sessions[user] = left
             else:
                 self.user_sessions.pop(user, None)
-        if protocol in self.connections:
-            self.connections.discard(protocol)
-            left = self._per_ip[protocol.client_ip] - 1
-            if left:
-                self._per_ip[protocol.client_ip] = left
-            else:
-                del self._per_ip[protocol.client_ip]
+        self.limits.release(protocol)
         if not self.connections:
             waiting, self._closing = self._closing, []
             for d in waiting:

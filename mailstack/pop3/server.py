@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailstack.auth.limiter import account_key
+from mailstack.connections import ConnectionLimits
 from mailstack.pop3.wire import CHUNK, WireEncoder, message_chunks, top_chunks
 from mailstack.smtp.framing import LineSplitter
 from mailstack.store.folder import MailboxInUse
@@ -490,27 +491,13 @@ class POP3Factory(ServerFactory):
         self.clock = clock
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
-        self._sessions: set[POP3Session] = set()
-        self._per_ip: dict[str, int] = {}
+        self.limits = ConnectionLimits(config.pop3.max_connections,
+                                       config.pop3.max_connections_per_ip)
 
     def admit(self, session: POP3Session) -> str | None:
         """Register a new session, or say why it is refused ([pop3] limits)."""
-        limits = self.config.pop3
-        if len(self._sessions) >= limits.max_connections:
-            return "Too many connections"
-        if self._per_ip.get(session.client_ip, 0) >= limits.max_connections_per_ip:
-            return "Too many connections from your address"
-        self._sessions.add(session)
-        self._per_ip[session.client_ip] = self._per_ip.get(session.client_ip, 0) + 1
-        return None
+        return self.limits.admit(session, session.client_ip)
 
     def release(self, session: POP3Session) -> None:
         """Forget a closed session (nothing if it was refused)."""
-        if session not in self._sessions:
-            return
-        self._sessions.discard(session)
-        left = self._per_ip[session.client_ip] - 1
-        if left:
-            self._per_ip[session.client_ip] = left
-        else:
-            del self._per_ip[session.client_ip]
+        self.limits.release(session)

@@ -9,6 +9,7 @@ from twisted.internet.protocol import ServerFactory
 
 from mailstack.auth.directory import Directory
 from mailstack.config import Config
+from mailstack.connections import TOO_MANY, ConnectionLimits
 from mailstack.metrics import NULL_METRICS
 from mailstack.queue.spool import Envelope, Spool
 from mailstack.smtp.reply import Reply
@@ -46,28 +47,16 @@ class SMTPFactory(ServerFactory):
         self.clock = clock
         #: The inbound policy chain (mailstack.policy.chain.Chain), mx role only.
         self.policy = policy
-        self._sessions: set[Session] = set()
-        self._per_ip: dict[str, int] = {}
+        self.limits = ConnectionLimits(config.smtp.max_connections,
+                                       config.smtp.max_connections_per_ip)
 
     def admit(self, session: Session) -> Reply | None:
         """Register a new session, or the 421 that refuses it."""
-        limits = self.config.smtp
-        if len(self._sessions) >= limits.max_connections:
-            return TOO_MANY_CONNECTIONS
-        if self._per_ip.get(session.client_ip, 0) >= limits.max_connections_per_ip:
-            return TOO_MANY_FROM_YOU
-        self._sessions.add(session)
-        self._per_ip[session.client_ip] = self._per_ip.get(session.client_ip, 0) + 1
-        return None
+        refusal = self.limits.admit(session, session.client_ip)
+        if refusal is None:
+            return None
+        return TOO_MANY_CONNECTIONS if refusal == TOO_MANY else TOO_MANY_FROM_YOU
 
     def release(self, session: Session) -> bool:
         """Forget a closed session; False if it was never admitted."""
-        if session not in self._sessions:
-            return False
-        self._sessions.discard(session)
-        left = self._per_ip[session.client_ip] - 1
-        if left:
-            self._per_ip[session.client_ip] = left
-        else:
-            del self._per_ip[session.client_ip]
-        return True
+        return self.limits.release(session)
