@@ -14,11 +14,16 @@ Commands run one at a time, in order: a command whose work is asynchronous
 (committing a message to the spool) pauses reading until its reply is sent,
 so PIPELINING (RFC 2920) is safe and the input buffer stays bounded.
 
-The idle timer restarts with each complete line, not with each chunk of
-bytes: a line that never ends (LIM-2) times out like silence does, instead of
-holding a connection for as long as the client keeps dripping bytes. It is
-stopped while the server itself is working (a commit), which is not the
-client being idle.
+The idle timer restarts with each chunk of bytes that completes at least one
+line, not with every chunk: a line that never ends (LIM-2) times out like
+silence does, instead of holding a connection for as long as the client keeps
+dripping bytes. It is stopped while the server itself is working (a commit),
+which is not the client being idle.
+
+DATA lines are read in runs where that is exactly the same as reading them
+one at a time (``DataReader.feed_buffered``); the plain spool path takes the
+run in one ``MessageWriter.write_block``, submission and the policy buffer
+get the same lines through their line callbacks.
 """
 
 from __future__ import annotations
@@ -182,17 +187,22 @@ class Session(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
             return
+        if b"\n" in data:
+            # RFC 5321 4.5.3.2.7: the server times out awaiting a command (or a
+            # DATA line); a chunk that ends no line does not count (LIM-2).
+            self.resetTimeout()
         self.splitter.feed(data)
         self._process()
 
     def _process(self) -> None:
         while not self._busy and not self.closing:
+            t = self.transaction
+            if (self._sasl is None and t is not None and t.reader is not None
+                    and t.reader.feed_buffered(self.splitter)):
+                continue
             line = self.splitter.next_line()
             if line is None:
                 return
-            # RFC 5321 4.5.3.2.7: the server times out awaiting a command (or a DATA line).
-            self.resetTimeout()
-            t = self.transaction
             if self._sasl is not None:
                 self._auth_line(line)
             elif t is not None and t.reader is not None:
@@ -572,7 +582,8 @@ class Session(Protocol, TimeoutMixin):
             log.error("{id}: cannot open spool file: {err}", id=t.queue_id, err=e)
             self._abort_transaction()
             return reply.LOCAL_ERROR
-        t.reader = DataReader(self.limits.max_message_size, t.writer.write_line)
+        t.reader = DataReader(self.limits.max_message_size, t.writer.write_line,
+                              t.writer.write_block)
         self.splitter.set_limit(self.limits.max_text_line)
         return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
