@@ -166,7 +166,8 @@ class MailstackService(MultiService):
         return SMTPFactory(self.config, spec.role, self.directory, self.spool, self.queued,
                            self.run_blocking, self.tls_context, spec.implicit_tls,
                            self.portal, self.auth_limiter, self.reactor,
-                           policy=self.policy if spec.role == "mx" else None)
+                           policy=self.policy if spec.role == "mx" else None,
+                           account_limiter=self.account_limiter)
 
     def _open_maildrop(self, address: str) -> Deferred:
         """The POP3 avatar: the locked INBOX snapshot, built off the reactor."""

@@ -275,6 +275,20 @@ class RefusalTests(SubmissionTestCase):
         self.assertEqual(hosts, ["127.0.0.1"])
 
     @defer.inlineCallbacks
+    def test_failures_for_one_account_lock_it_for_the_window(self):
+        self.start(auth={"max_failures_per_account": 2, "failure_delay": 0.05})
+        bad = base64.b64encode(b"\0demo@example.test\0wrong")
+        good = base64.b64encode(f"\0DEMO@example.test\0{PASSWORD}".encode())
+        yield in_thread(self.raw, [b"AUTH PLAIN " + bad])
+        yield in_thread(self.raw, [b"AUTH PLAIN " + bad])
+        replies = yield in_thread(self.raw, [b"AUTH PLAIN " + good])
+        self.assertTrue(replies[-1].startswith(
+            b"454 4.7.0 Too many failed logins for this account"), replies)
+        other = base64.b64encode(f"\0alice@example.test\0{PASSWORD}".encode())
+        replies = yield in_thread(self.raw, [b"AUTH PLAIN " + other])
+        self.assertTrue(replies[-1].startswith(b"235 2.7.0"), replies)
+
+    @defer.inlineCallbacks
     def test_unknown_user_and_wrong_password_answer_alike(self):
         self.start()
         answers = []

@@ -29,7 +29,7 @@ class SMTPFactory(ServerFactory):
     def __init__(self, config: Config, role: str, directory: Directory, spool: Spool,
                  queued: Callable[[Envelope], object], run_blocking: Callable[..., Deferred],
                  tls_context=None, implicit_tls: bool = False, portal=None,
-                 auth_limiter=None, clock=None, policy=None):
+                 auth_limiter=None, clock=None, policy=None, account_limiter=None):
         self.config = config
         self.hostname = config.server.hostname
         self.role = role
@@ -44,6 +44,8 @@ class SMTPFactory(ServerFactory):
         #: address (shared with IMAP and POP3) and the clock for delays.
         self.portal = portal
         self.auth_limiter = auth_limiter
+        #: Failures per account (``account_key``), shared with IMAP and POP3.
+        self.account_limiter = account_limiter
         self.clock = clock
         #: The inbound policy chain (mailstack.policy.chain.Chain), mx role only.
         self.policy = policy

@@ -44,9 +44,10 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from mailstack.queue.spool import Envelope, MessageWriter, Recipient, new_queue_id
-from mailstack.queue.dkimsign import load_keys, sign
+from mailstack.auth.limiter import account_key
 from mailstack.policy.message import MessageBuffer
+from mailstack.queue.dkimsign import load_keys, sign
+from mailstack.queue.spool import Envelope, MessageWriter, Recipient, new_queue_id
 from mailstack.smtp import reply, submission
 from mailstack.smtp.address import AddressSyntax, Mailbox, parse_path_and_params
 from mailstack.smtp.framing import DataReader, Line, LineSplitter
@@ -412,6 +413,13 @@ class Session(Protocol, TimeoutMixin):
             log.info("auth refused: too many failures, rip=[{ip}]", ip=self.client_ip)
             return Reply(454, "4.7.0", "Too many failed logins from your address; "
                                        "try again later")
+        account = account_key(user)
+        accounts = self.factory.account_limiter
+        if accounts is not None and account is not None and accounts.blocked(account):
+            # One line a fail2ban filter can match (see the README).
+            log.info("auth locked: rip=[{ip}], user=<{user}>", ip=self.client_ip, user=account)
+            return Reply(454, "4.7.0", "Too many failed logins for this account; "
+                                       "try again later")
         d = self.factory.portal.login(UsernamePassword(user, password), None, submission.ISender)
         d.addCallbacks(self._authenticated, self._auth_failed, errbackArgs=(user,))
         return d
@@ -429,6 +437,9 @@ class Session(Protocol, TimeoutMixin):
             self.reply(reply.LOCAL_ERROR)
             return None
         self.factory.auth_limiter.failed(self.client_ip)
+        account = account_key(user)
+        if self.factory.account_limiter is not None and account is not None:
+            self.factory.account_limiter.failed(account)
         self._auth_failures += 1
         # One line a fail2ban filter can match (see the README).
         log.info("auth failed: rip=[{ip}], user=<{user}>",
