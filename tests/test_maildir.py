@@ -312,3 +312,16 @@ class CleanTmpTests(MaildirTestCase):
         self.sub("tmp").symlink_to(outside / "tmp")
         self.assertEqual(self.mail_root.clean_tmp(), 0)
         self.assertTrue((outside / "tmp" / "victim").exists())
+
+
+class ArrivalOrderTests(unittest.TestCase):
+    """New messages get UIDs and POP3 numbers in arrival order, microseconds included."""
+
+    def test_microseconds_compare_as_numbers(self):
+        from mailstack.store.folder import parse_name
+
+        names = ["1795452383.M100000Q2R0.host,S=1,W=2", "1795452383.M99999Q1R0.host,S=1,W=2",
+                 "1795452382.M999999Q0R0.host,S=1,W=2", "1795452383.M5P12Q3.host:2,S"]
+        ordered = sorted((parse_name("new", n, 1) for n in names), key=lambda m: m.order)
+        self.assertEqual([m.base.split(".")[1][:7] for m in ordered],
+                         ["M999999", "M5P12Q3", "M99999Q", "M100000"])

@@ -25,6 +25,7 @@ from mailstack.store.maildir import Maildir
 _INFO = re.compile(r":2,([A-Za-z]{0,52})\Z")
 _SIZE = re.compile(r",S=(\d+)")
 _WSIZE = re.compile(r",W=(\d+)")
+_USEC = re.compile(r"M(\d{1,6})")
 _MAX_NAME = 255
 
 
@@ -44,9 +45,17 @@ class StoredMessage:
     flags: str
 
     @property
-    def arrival(self) -> int:
-        head = self.base.split(".", 1)[0]
-        return int(head) if head.isdigit() else 0
+    def order(self) -> tuple[int, int, str]:
+        """Arrival order: seconds, then microseconds, then the name.
+
+        Names are ``<sec>.M<usec>...`` (Dovecot's, ours), and the microseconds
+        are not zero-padded, so comparing names as text would put ``M100000``
+        before ``M99999`` of the same second.
+        """
+        head, _, rest = self.base.partition(".")
+        usec = _USEC.match(rest)
+        return (int(head) if head.isdigit() else 0, int(usec.group(1)) if usec else 0,
+                self.base)
 
 
 def parse_name(subdir: str, name: str, st_size: int) -> StoredMessage | None:
@@ -121,7 +130,7 @@ class Folder(Maildir):
                     msg = parse_name(sub, entry.name, entry.stat(follow_symlinks=False).st_size)
                     if msg is not None:
                         messages.append(msg)
-        messages.sort(key=lambda m: (m.arrival, m.base))
+        messages.sort(key=lambda m: m.order)
         return messages
 
     def find(self, base: str) -> StoredMessage | None:

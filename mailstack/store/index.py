@@ -254,7 +254,7 @@ class FolderIndex:
             self._file_stamps = (self._uidlist_stamp, self._file_stamps[1])
 
     def _add(self, top: int, new: list[StoredMessage], present: dict) -> None:
-        new.sort(key=lambda m: (m.arrival, m.base))
+        new.sort(key=lambda m: m.order)
         unknown = [m for m in new if m.base not in self._uidlist.uids]
         if unknown:
             with locked(top):
