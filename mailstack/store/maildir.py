@@ -257,30 +257,8 @@ class Maildir:
         return bases
 
     def has_delivery(self, base: str) -> bool:
-        """Whether a message with this base name is in ``new/`` or ``cur/``.
-
-        Used only when the spool replays after a restart, so its listing cost
-        is paid once per interrupted delivery, not per message.
-        """
-        try:
-            top = self._open(create=False)
-        except FileNotFoundError:
-            return False
-        try:
-            for sub in ("new", "cur"):
-                try:
-                    fd = self._subdir(top, sub)
-                except FileNotFoundError:
-                    continue
-                try:
-                    for entry in os.listdir(fd):
-                        if _base_of(entry) == base:
-                            return True
-                finally:
-                    os.close(fd)
-        finally:
-            os.close(top)
-        return False
+        """Whether a message with this base name is in ``new/`` or ``cur/``."""
+        return base in self.delivered_bases()
 
     def clean_tmp(self, max_age: float = 36 * 3600) -> int:
         """Remove files in ``tmp/`` older than ``max_age`` (Maildir spec: 36 h)."""
