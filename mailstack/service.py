@@ -22,7 +22,7 @@ from twisted.mail.interfaces import IAccountIMAP, IMailboxPOP3
 
 from mailstack.auth.aliases import Aliases
 from mailstack.auth.checker import PasswordChecker
-from mailstack.auth.limiter import FailureLimiter
+from mailstack.auth.limiter import FailureLimiter, LoginGuard
 from mailstack.auth.realm import MailRealm
 from mailstack.auth.directory import Directory
 from mailstack.auth.users import Users
@@ -123,11 +123,10 @@ class MailstackService(MultiService):
         self.portal = Portal(realm, [PasswordChecker(self.users, self.run_blocking,
                                                      config.auth.max_concurrent_checks)])
         auth = config.auth
-        #: Failed logins per client address, shared by every protocol.
-        self.auth_limiter = FailureLimiter(auth.max_failures_per_ip, auth.failure_window, reactor)
-        #: Failed logins per account (IMAP and POP3; SMTP AUTH not yet).
-        self.account_limiter = FailureLimiter(auth.max_failures_per_account,
-                                              auth.failure_window, reactor)
+        #: Failed logins per client address and per account, shared by every protocol.
+        self.login_guard = LoginGuard(
+            FailureLimiter(auth.max_failures_per_ip, auth.failure_window, reactor),
+            FailureLimiter(auth.max_failures_per_account, auth.failure_window, reactor))
         #: POP3 sizes (CRLF line ends) by message, so a login reads each file once.
         self._pop3_sizes: dict[str, int] = {}
         self.listeners: list[ListenerService] = []
@@ -155,19 +154,16 @@ class MailstackService(MultiService):
             from mailstack.web.site import build_site
             return build_site(self.config, self.metrics, self.run_blocking, self.port_of)
         if spec.speaks == "imap":
-            return IMAPFactory(self.config, self.portal, self.auth_limiter, self.reactor,
+            return IMAPFactory(self.config, self.portal, self.login_guard, self.reactor,
                                self.run_blocking, self.imap_watcher, self.tls_context,
-                               spec.implicit_tls, user_sessions=self.imap_user_sessions,
-                               account_limiter=self.account_limiter)
+                               spec.implicit_tls, user_sessions=self.imap_user_sessions)
         if spec.speaks == "pop3":
-            return POP3Factory(self.config, self.portal, self.auth_limiter, self.reactor,
-                               self.tls_context, spec.implicit_tls,
-                               account_limiter=self.account_limiter)
+            return POP3Factory(self.config, self.portal, self.login_guard, self.reactor,
+                               self.tls_context, spec.implicit_tls)
         return SMTPFactory(self.config, spec.role, self.directory, self.spool, self.queued,
                            self.run_blocking, self.tls_context, spec.implicit_tls,
-                           self.portal, self.auth_limiter, self.reactor,
-                           policy=self.policy if spec.role == "mx" else None,
-                           account_limiter=self.account_limiter)
+                           self.portal, self.login_guard, self.reactor,
+                           policy=self.policy if spec.role == "mx" else None)
 
     def _open_maildrop(self, address: str) -> Deferred:
         """The POP3 avatar: the locked INBOX snapshot, built off the reactor."""

@@ -288,12 +288,12 @@ class AccountLockTests(unittest.TestCase):
         # The fail2ban filter of the README matches both kinds of line.
         pattern = re.compile(r"\] auth (?:failed|locked): rip=\[(?P<host>[0-9.]+)\], user=")
         hosts = {m.group("host") for line in self.logged
-                 for m in [pattern.search("[mailstack.imap#info" + "] " + line)] if m}
+                 for m in [pattern.search("[mailstack.auth#info" + "] " + line)] if m}
         self.assertTrue({"127.0.0.1", "127.0.0.2", "127.0.0.4", "127.0.0.5"} <= hosts, hosts)
 
     @defer.inlineCallbacks
     def test_lock_expires_with_the_window(self):
-        limiter = self.instance.service.account_limiter
+        limiter = self.instance.service.login_guard.per_account
         clock = Clock()
         limiter._clock = clock
         for _ in range(3):

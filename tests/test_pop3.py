@@ -32,7 +32,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from mailstack.auth.limiter import FailureLimiter
+from mailstack.auth.limiter import FailureLimiter, LoginGuard
 from mailstack.config import Config
 from mailstack.pop3.mailbox import Maildrop
 from mailstack.pop3.server import POP3Factory
@@ -1334,7 +1334,8 @@ class FlowControlTests(unittest.TestCase):
         for i, data in enumerate((big, small)):
             (root / "Maildir" / "new" / f"{1_700_000_000 + i}.M1P1.host").write_bytes(data)
         config = Config()
-        factory = POP3Factory(config, None, FailureLimiter(10, 60, Clock()), Clock())
+        factory = POP3Factory(config, None, LoginGuard(FailureLimiter(10, 60, Clock()),
+                                                       FailureLimiter(10, 60, Clock())), Clock())
         session = factory.buildProtocol(None)
         transport = _TCPLikeTransport()
         session.makeConnection(transport)

@@ -11,13 +11,25 @@ The same class, keyed by ``account_key``, limits failures per account
 addresses lock it for the rest of the window. The lock-out is decided before
 the password is checked, and for unknown accounts as for real ones, so its
 reply tells nothing about which accounts exist (AUTH-6).
+
+``LoginGuard`` is the one place that applies both limits and writes the log
+lines, so SMTP AUTH, IMAP and POP3 refuse, count and log logins the same way.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
 
+from twisted.logger import Logger
+
 from mailstack.addresses import BadAddress, canonical
+from mailstack.smtp.reply import printable
+
+log = Logger(namespace="mailstack.auth")
+
+#: Why ``LoginGuard.refusal`` turned a login away, before checking a password.
+ADDRESS_LOCKED = "address"
+ACCOUNT_LOCKED = "account"
 
 
 class FailureLimiter:
@@ -63,3 +75,45 @@ def account_key(user: bytes | str) -> str | None:
         return canonical(user)
     except (UnicodeDecodeError, BadAddress):
         return None
+
+
+class LoginGuard:
+    """Failed logins per client address and per account, for every protocol.
+
+    Each protocol asks ``refusal`` before it checks a password and answers a
+    refusal with its own temporary error (SMTP 454 4.7.0, IMAP NO
+    [UNAVAILABLE], POP3 -ERR [SYS/TEMP]); it reports the outcome of the
+    check with ``failed`` or ``succeeded``. The ``auth failed`` and ``auth
+    locked`` lines carry the client address before the user name, in the
+    shape the README's fail2ban filter matches.
+    """
+
+    def __init__(self, per_ip: FailureLimiter, per_account: FailureLimiter):
+        self.per_ip = per_ip
+        self.per_account = per_account
+
+    def refusal(self, ip: str, user: bytes) -> str | None:
+        """``ADDRESS_LOCKED`` or ``ACCOUNT_LOCKED`` when this login may not
+        even be tried now; None when the password may be checked."""
+        if self.per_ip.blocked(ip):
+            log.info("auth refused: too many failures, rip=[{ip}]", ip=ip)
+            return ADDRESS_LOCKED
+        account = account_key(user)
+        if account is not None and self.per_account.blocked(account):
+            log.info("auth locked: rip=[{ip}], user=<{user}>", ip=ip, user=account)
+            return ACCOUNT_LOCKED
+        return None
+
+    def failed(self, ip: str, user: bytes) -> None:
+        """Count a wrong password (or unknown user) against address and account."""
+        self.per_ip.failed(ip)
+        account = account_key(user)
+        if account is not None:
+            self.per_account.failed(account)
+        log.info("auth failed: rip=[{ip}], user=<{user}>", ip=ip, user=printable(user, 100))
+
+    def succeeded(self, ip: str) -> None:
+        """A correct login clears its address's failures (a user who mistyped
+        once is not left closer to a lock-out); the account's failures stay,
+        so one good login from elsewhere does not reset a guessing attack."""
+        self.per_ip.succeeded(ip)

@@ -39,7 +39,7 @@ from twisted.mail import imap4
 from twisted.python.failure import Failure
 
 import mailstack
-from mailstack.auth.limiter import account_key
+from mailstack.auth.limiter import ADDRESS_LOCKED
 from mailstack.connections import ConnectionLimits
 from mailstack.imap.account import Account
 from mailstack.imap.mailbox import SelectedMailbox
@@ -378,18 +378,11 @@ class IMAPServer(SelectedCommands, imap4.IMAP4Server):
         self._login(tag, parts[1], parts[2], "PLAIN")
 
     def _login(self, tag, user: bytes, password: bytes, method: str) -> None:
-        if self.factory.limiter.blocked(self.client_ip):
-            log.info("auth refused: too many failures, rip=[{ip}]", ip=self.client_ip)
-            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins from your "
-                                           b"address; try again later")
-            return
-        account = account_key(user)
-        accounts = self.factory.account_limiter
-        if accounts is not None and account is not None and accounts.blocked(account):
-            # One line a fail2ban filter can match (see the README).
-            log.info("auth locked: rip=[{ip}], user=<{user}>", ip=self.client_ip, user=account)
-            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins for this "
-                                           b"account; try again later")
+        refusal = self.factory.login_guard.refusal(self.client_ip, user)
+        if refusal is not None:
+            whose = b"from your address" if refusal == ADDRESS_LOCKED else b"for this account"
+            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins " + whose
+                                      + b"; try again later")
             return
         d = self.factory.portal.login(UsernamePassword(user, password), None, imap4.IAccount)
         d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(tag, method),
@@ -408,7 +401,7 @@ class IMAPServer(SelectedCommands, imap4.IMAP4Server):
                                            b"close another one first")
             return
         self.user = self.account.address
-        self.factory.limiter.succeeded(self.client_ip)
+        self.factory.login_guard.succeeded(self.client_ip)
         log.info("login: user=<{user}>, method={method}, rip=[{ip}], tls={tls}",
                  user=self.user, method=method, ip=self.client_ip,
                  tls="yes" if self.tls else "no")
@@ -422,13 +415,8 @@ class IMAPServer(SelectedCommands, imap4.IMAP4Server):
             log.failure("login error for {user}", failure, user=user)
             self.sendNegativeResponse(tag, b"[UNAVAILABLE] Internal error, try again later")
             return None
-        self.factory.limiter.failed(self.client_ip)
-        account = account_key(user)
-        if self.factory.account_limiter is not None and account is not None:
-            self.factory.account_limiter.failed(account)
+        self.factory.login_guard.failed(self.client_ip, user)
         self._auth_failures += 1
-        log.info("auth failed: rip=[{ip}], user=<{user}>",
-                 user=user.decode("utf-8", "replace")[:100], ip=self.client_ip)
 
         def answer():
             if self.transport.disconnecting:
@@ -740,14 +728,12 @@ _install_tables(IMAPServer)
 class IMAPFactory(ServerFactory):
     noisy = False
 
-    def __init__(self, config, portal, limiter, clock, run_blocking, watcher,
-                 tls_context=None, implicit_tls: bool = False, user_sessions=None,
-                 account_limiter=None):
+    def __init__(self, config, portal, login_guard, clock, run_blocking, watcher,
+                 tls_context=None, implicit_tls: bool = False, user_sessions=None):
         self.config = config
         self.portal = portal
-        self.limiter = limiter
-        #: Failures per account (``account_key``), shared with POP3; None: no limit.
-        self.account_limiter = account_limiter
+        #: Failed logins per address and account (mailstack.auth.limiter), shared with POP3.
+        self.login_guard = login_guard
         self.clock = clock
         self.run_blocking = run_blocking
         self.watcher = watcher

@@ -44,7 +44,7 @@ from twisted.mail.interfaces import IMailboxPOP3
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailstack.auth.limiter import account_key
+from mailstack.auth.limiter import ADDRESS_LOCKED
 from mailstack.connections import ConnectionLimits
 from mailstack.pop3.wire import CHUNK, WireEncoder, message_chunks, top_chunks
 from mailstack.smtp.framing import LineSplitter
@@ -279,19 +279,11 @@ class POP3Session(pop3.POP3):
         self._login(parts[1], parts[2], "PLAIN")
 
     def _login(self, user: bytes, password: bytes, method: str) -> None:
-        limiter = self.factory.limiter
-        if limiter.blocked(self.client_ip):
-            log.info("auth refused: too many failures, rip=[{ip}]", ip=self.client_ip)
-            self.failResponse(b"[SYS/TEMP] Too many failed logins from your address; "
-                              b"try again later")
-            return
-        account = account_key(user)
-        accounts = self.factory.account_limiter
-        if accounts is not None and account is not None and accounts.blocked(account):
-            # One line a fail2ban filter can match (see the README).
-            log.info("auth locked: rip=[{ip}], user=<{user}>", ip=self.client_ip, user=account)
-            self.failResponse(b"[SYS/TEMP] Too many failed logins for this account; "
-                              b"try again later")
+        refusal = self.factory.login_guard.refusal(self.client_ip, user)
+        if refusal is not None:
+            whose = b"from your address" if refusal == ADDRESS_LOCKED else b"for this account"
+            self.failResponse(b"[SYS/TEMP] Too many failed logins " + whose
+                              + b"; try again later")
             return
         d = self.factory.portal.login(UsernamePassword(user, password), None, IMailboxPOP3)
         d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(method,),
@@ -306,7 +298,7 @@ class POP3Session(pop3.POP3):
             return
         self.mbox, self._onLogout = mbox, logout
         self.user = self.mbox.address
-        self.factory.limiter.succeeded(self.client_ip)
+        self.factory.login_guard.succeeded(self.client_ip)
         log.info("login: user=<{user}>, method={method}, rip=[{ip}], tls={tls}, messages={n}",
                  user=self.user, method=method, ip=self.client_ip, tls="yes" if self.tls else "no",
                  n=len(self.mbox.messages))
@@ -320,13 +312,7 @@ class POP3Session(pop3.POP3):
             log.failure("login error for {user}", failure, user=user)
             self.failResponse(b"[SYS/TEMP] Internal error, try again later")
             return None
-        self.factory.limiter.failed(self.client_ip)
-        account = account_key(user)
-        if self.factory.account_limiter is not None and account is not None:
-            self.factory.account_limiter.failed(account)
-        # One line a fail2ban filter can match (see the README).
-        log.info("auth failed: rip=[{ip}], user=<{user}>",
-                 user=user.decode("utf-8", "replace")[:100], ip=self.client_ip)
+        self.factory.login_guard.failed(self.client_ip, user)
         return task.deferLater(self.factory.clock, self.factory.config.auth.failure_delay,
                                self.failResponse, b"[AUTH] Authentication failed")
 
@@ -481,13 +467,12 @@ class POP3Factory(ServerFactory):
     protocol = POP3Session
     noisy = False
 
-    def __init__(self, config, portal, limiter, clock, tls_context=None,
-                 implicit_tls: bool = False, account_limiter=None):
+    def __init__(self, config, portal, login_guard, clock, tls_context=None,
+                 implicit_tls: bool = False):
         self.config = config
         self.portal = portal
-        self.limiter = limiter
-        #: Failures per account (``account_key``), shared with IMAP; None: no limit.
-        self.account_limiter = account_limiter
+        #: Failed logins per address and account (mailstack.auth.limiter), shared with IMAP.
+        self.login_guard = login_guard
         self.clock = clock
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls

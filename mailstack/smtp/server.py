@@ -29,7 +29,7 @@ class SMTPFactory(ServerFactory):
     def __init__(self, config: Config, role: str, directory: Directory, spool: Spool,
                  queued: Callable[[Envelope], object], run_blocking: Callable[..., Deferred],
                  tls_context=None, implicit_tls: bool = False, portal=None,
-                 auth_limiter=None, clock=None, policy=None, account_limiter=None):
+                 login_guard=None, clock=None, policy=None):
         self.config = config
         self.hostname = config.server.hostname
         self.role = role
@@ -40,12 +40,10 @@ class SMTPFactory(ServerFactory):
         self.run_blocking = run_blocking
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
-        #: Submission: logins (the one cred Portal), failures per client
-        #: address (shared with IMAP and POP3) and the clock for delays.
+        #: Submission: logins (the one cred Portal), failed logins per client
+        #: address and account (shared with IMAP and POP3) and the clock for delays.
         self.portal = portal
-        self.auth_limiter = auth_limiter
-        #: Failures per account (``account_key``), shared with IMAP and POP3.
-        self.account_limiter = account_limiter
+        self.login_guard = login_guard
         self.clock = clock
         #: The inbound policy chain (mailstack.policy.chain.Chain), mx role only.
         self.policy = policy

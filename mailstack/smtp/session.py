@@ -44,7 +44,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from mailstack.auth.limiter import account_key
+from mailstack.auth.limiter import ADDRESS_LOCKED
 from mailstack.policy.message import MessageBuffer
 from mailstack.queue.dkimsign import load_keys, sign
 from mailstack.queue.spool import Envelope, MessageWriter, Recipient, new_queue_id
@@ -409,24 +409,17 @@ class Session(Protocol, TimeoutMixin):
         self._sasl = None
         self.splitter.set_limit(self.limits.max_command_line)
         user, password = outcome
-        if self.factory.auth_limiter.blocked(self.client_ip):
-            log.info("auth refused: too many failures, rip=[{ip}]", ip=self.client_ip)
-            return Reply(454, "4.7.0", "Too many failed logins from your address; "
-                                       "try again later")
-        account = account_key(user)
-        accounts = self.factory.account_limiter
-        if accounts is not None and account is not None and accounts.blocked(account):
-            # One line a fail2ban filter can match (see the README).
-            log.info("auth locked: rip=[{ip}], user=<{user}>", ip=self.client_ip, user=account)
-            return Reply(454, "4.7.0", "Too many failed logins for this account; "
-                                       "try again later")
+        refusal = self.factory.login_guard.refusal(self.client_ip, user)
+        if refusal is not None:
+            whose = "from your address" if refusal == ADDRESS_LOCKED else "for this account"
+            return Reply(454, "4.7.0", f"Too many failed logins {whose}; try again later")
         d = self.factory.portal.login(UsernamePassword(user, password), None, submission.ISender)
         d.addCallbacks(self._authenticated, self._auth_failed, errbackArgs=(user,))
         return d
 
     def _authenticated(self, result) -> None:
         _, self.user, _ = result
-        self.factory.auth_limiter.succeeded(self.client_ip)
+        self.factory.login_guard.succeeded(self.client_ip)
         log.info("login: user=<{user}>, rip=[{ip}], tls={tls}", user=self.user,
                  ip=self.client_ip, tls=self._tls_version())
         self.reply(submission.AUTH_OK)
@@ -436,14 +429,8 @@ class Session(Protocol, TimeoutMixin):
             log.failure("login error for {user}", failure, user=user)
             self.reply(reply.LOCAL_ERROR)
             return None
-        self.factory.auth_limiter.failed(self.client_ip)
-        account = account_key(user)
-        if self.factory.account_limiter is not None and account is not None:
-            self.factory.account_limiter.failed(account)
+        self.factory.login_guard.failed(self.client_ip, user)
         self._auth_failures += 1
-        # One line a fail2ban filter can match (see the README).
-        log.info("auth failed: rip=[{ip}], user=<{user}>",
-                 user=printable(user, 100), ip=self.client_ip)
         # The delay grows with each failure in the session (chasquid, Postfix).
         delay = self.factory.config.auth.failure_delay * self._auth_failures
         return task.deferLater(self.factory.clock, delay, self._refuse_login)

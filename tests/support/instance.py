@@ -22,6 +22,7 @@ from mailstack.auth.aliases import Aliases
 from mailstack.auth.users import Users
 from mailstack.config import load
 from mailstack.service import MailstackService
+from mailstack.store.folder import parse_name
 from mailstack.tls import make_self_signed
 
 DOMAIN = "example.test"
@@ -118,8 +119,16 @@ class Instance:
         return self.config.server.mail_root / domain / local / "Maildir" / sub
 
     def messages(self, address: str, sub: str = "new") -> list[Path]:
+        """The files of one Maildir subdirectory in arrival order (the store's)."""
         d = self.maildir(address, sub)
-        return sorted(d.iterdir()) if d.exists() else []
+        if not d.exists():
+            return []
+        return sorted(d.iterdir(), key=lambda p: _arrival(sub, p.name))
+
+
+def _arrival(sub: str, name: str) -> tuple:
+    message = parse_name(sub, name, 0)
+    return (0, 0, name) if message is None else message.order
 
 
 @defer.inlineCallbacks
