@@ -5,6 +5,13 @@ first certificate is the server's, the rest are sent as the chain. TLS 1.2 is
 the minimum (RFC 8996) and TLS 1.2 suites are limited to forward-secret AEAD
 ones (RFC 9325); TLS 1.3 suites are OpenSSL's defaults. ``ServerContext``
 reads the files again on SIGHUP (see service.py).
+
+ALPN (the ALPACA cross-protocol attacks, SECURITY-TESTS TLSV-5): a client
+that offers ALPN must offer the protocol of the port it reached (``smtp``,
+``imap``, ``pop3``; each session class names its own in ``ALPN``), or the
+handshake fails with the no_application_protocol alert. A browser sent to
+port 993 offers ``http/1.1`` and gets nowhere; mail clients mostly offer no
+ALPN at all, and that is accepted, as in Dovecot and Postfix.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from OpenSSL.SSL import NO_OVERLAPPING_PROTOCOLS, Connection, Error
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLContextFactory, IOpenSSLServerConnectionCreator
 from zope.interface import implementer
@@ -87,10 +95,34 @@ def _load(tls: TLSConfig) -> ssl.CertificateOptions:
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
     )
     try:
-        options.getContext()  # checks that the key belongs to the certificate
+        context = options.getContext()  # checks that the key belongs to the certificate
     except Exception as e:
         raise TLSSetupError(f"{tls.certificate} / {tls.private_key}: {e}") from None
+    context.set_alpn_select_callback(_select_alpn)
     return options
+
+
+class NoApplicationProtocol(Error):
+    """The client offered ALPN protocols, none of them this port's.
+
+    Raised from the ALPN callback, it makes OpenSSL answer with the
+    no_application_protocol alert (RFC 7301 3.2), and as an ``OpenSSL.SSL.Error``
+    Twisted's TLS transport takes it as a failed handshake and closes.
+    """
+
+
+def _select_alpn(connection: Connection, offered: list[bytes]):
+    """The session's own ALPN name if the client offered it."""
+    session = connection.get_app_data().wrappedProtocol
+    name = getattr(session, "ALPN", None)
+    if name is None:
+        return NO_OVERLAPPING_PROTOCOLS
+    if name not in offered:
+        # The (library, function, reason) list of an OpenSSL error queue,
+        # the shape Twisted reads from an Error.
+        raise NoApplicationProtocol([("mailstack", "ALPN", f"no application protocol: offered "
+                                                           f"{offered!r}, this port speaks {name!r}")])
+    return name
 
 
 def client_context(outbound: OutboundConfig):

@@ -66,6 +66,8 @@ class IMAPServer(SelectedCommands, imap4.IMAP4Server):
     """One IMAP connection; ``factory`` is an ``IMAPFactory``."""
 
     IDENT = b"mailstack IMAP4rev1 ready"
+    #: The only ALPN protocol a TLS client may offer here (mailstack.tls).
+    ALPN = b"imap"
 
     def __init__(self, factory: IMAPFactory):
         imap4.IMAP4Server.__init__(self, chal={}, contextFactory=factory.tls_context)

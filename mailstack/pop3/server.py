@@ -80,6 +80,9 @@ class _Transfer:
 class POP3Session(pop3.POP3):
     """One POP3 connection; ``factory`` is a ``POP3Factory``."""
 
+    #: The only ALPN protocol a TLS client may offer here (mailstack.tls).
+    ALPN = b"pop3"
+
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.client_ip = getattr(peer, "host", str(peer))

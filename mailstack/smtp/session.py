@@ -94,6 +94,9 @@ class Transaction:
 class Session(Protocol, TimeoutMixin):
     """An ESMTP server session; ``factory`` is an ``SMTPFactory``."""
 
+    #: The only ALPN protocol a TLS client may offer here (mailstack.tls).
+    ALPN = b"smtp"
+
     def __init__(self):
         self.helo: str | None = None
         self.esmtp = False
