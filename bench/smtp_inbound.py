@@ -54,7 +54,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(root: Path, port: int, domain: str, users: list[str], threads: int) -> Path:
+def write_config(root: Path, port: int, domain: str, users: list[str], threads: int,
+                 processes: int) -> Path:
     """A minimal instance: config, argon2id users file, empty aliases; no TLS."""
     from mailstack.auth.users import Users
 
@@ -67,7 +68,7 @@ def write_config(root: Path, port: int, domain: str, users: list[str], threads: 
         'mail_root = "maildirs"\nspool_dir = "spool"\n'
         'users_file = "users"\naliases_file = "aliases"\n'
         f"threads = {threads}\n"
-        "[smtp]\nmax_connections_per_ip = 1000\n"
+        f"[smtp]\nmax_connections_per_ip = 1000\nprocesses = {processes}\n"
         "[[listen]]\n"
         f'protocol = "smtp"\naddress = "{HOST}"\nport = {port}\n')
     db = Users(root / "users")
@@ -344,6 +345,8 @@ def parse_args(argv=None):
     ap.add_argument("--domain", default="example.test")
     ap.add_argument("--reuse", action="store_true", help="send all of a client's messages on one connection")
     ap.add_argument("--threads", type=int, default=16, help="server thread pool ([server] threads)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="processes serving SMTP ([smtp] processes; 2 on a 2-core machine)")
     ap.add_argument("--no-log", action="store_true", help="twistd log to /dev/null")
     ap.add_argument("--keep", action="store_true", help="keep the temporary instance directory")
     ap.add_argument("--dir", help="instance directory (default: a new temporary one)")
@@ -375,7 +378,7 @@ def main(argv=None) -> int:
     a.port = a.port or free_port()
     users = [f"user{i}@{a.domain}" for i in range(1, a.users + 1)]
     a.rcpt_list = users
-    config = write_config(root, a.port, a.domain, users, a.threads)
+    config = write_config(root, a.port, a.domain, users, a.threads, a.processes)
     maildirs = [root / "maildirs" / a.domain / u.partition("@")[0] / "Maildir" for u in users]
     daemon = Daemon(root, a.port, config, log=not a.no_log)
     daemon.start()

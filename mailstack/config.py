@@ -116,6 +116,11 @@ class SMTPConfig:
     #: Simultaneous SMTP connections on one listener, and from one client IP.
     max_connections: int = 1000
     max_connections_per_ip: int = 20
+    #: Processes serving the mx listeners: this one and ``processes - 1``
+    #: workers accepting on the same sockets (mailstack.workers). One per CPU
+    #: core lets a busy MX use every core; connection and rate limits are then
+    #: counted in each process.
+    processes: int = 1
 
 
 @dataclass(frozen=True)
@@ -651,6 +656,8 @@ def _check(config: Config) -> list[str]:
         problems.append("queue.retry_delay: must be positive")
     if config.smtp.idle_timeout <= 0:
         problems.append("smtp.idle_timeout: must be positive")
+    if not 1 <= config.smtp.processes <= 64:
+        problems.append("smtp.processes: must be between 1 and 64")
     problems.extend(_check_policy(config.policy))
     problems.extend(_check_setup(config))
     seen = set()

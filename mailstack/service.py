@@ -36,7 +36,7 @@ from mailstack.pop3.mailbox import Maildrop
 from mailstack.pop3.server import POP3Factory
 from mailstack.queue.bounce import build_dsn
 from mailstack.queue.runner import OutboundRunner
-from mailstack.queue.spool import Envelope, Recipient, Spool, new_queue_id
+from mailstack.queue.spool import Envelope, Recipient, Spool, SpoolLocked, new_queue_id
 from mailstack.smtp.server import SMTPFactory
 from mailstack.smtp.submission import ISender
 from mailstack.store.folder import user_inbox
@@ -44,6 +44,8 @@ from mailstack.store.folders import Mailboxes
 from mailstack.store.index import IndexRegistry
 from mailstack.store.watch import FolderWatcher
 from mailstack.store.maildir import MailRoot
+from mailstack.workers import (AdoptedEndpoint, Handoff, WorkerPool, WorkerRole,
+                               worker_spool_dir, worker_spools)
 
 log = Logger(namespace="mailstack")
 
@@ -86,18 +88,25 @@ class ListenerService(Service):
 class MailstackService(MultiService):
     _previous_sighup = None
 
-    def __init__(self, config: Config, reactor=None):
+    def __init__(self, config: Config, reactor=None, worker: WorkerRole | None = None):
+        """``worker``: run as an SMTP worker process (mailstack.workers): the mx
+        listeners only, on sockets inherited from the main process, with a
+        spool of its own, handing remote recipients to the main process."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
         self.config = config
+        self.worker = worker
         server = config.server
         self.pool = ThreadPool(minthreads=0, maxthreads=server.threads, name="mailstack")
         self.users = Users(server.users_file)
         self.directory = Directory(server.domains, self.users, Aliases(server.aliases_file))
         self.mail_root = MailRoot(server.mail_root)
-        self.spool = Spool(server.spool_dir)
+        if worker is None:
+            self.spool = Spool(server.spool_dir)
+        else:
+            self.spool = Spool(worker_spool_dir(server.spool_dir, worker.index))
         self.spool.open()
         #: Prometheus metrics of this service (its own registry), served at /metrics.
         self.metrics = Metrics(self.spool)
@@ -106,9 +115,14 @@ class MailstackService(MultiService):
         #: Inbound checks (SPF, DKIM, DMARC, greylisting, ...) for the mx listeners.
         self.policy = build_chain(config, self.resolver, reactor, self.run_blocking)
         self.policy.metrics = self.metrics
-        self.outbound = OutboundRunner(config, self.spool, self.resolver, reactor,
-                                       self.run_blocking, tls.client_context(config.outbound),
-                                       self.notify_sender)
+        if worker is None:
+            self.outbound = OutboundRunner(config, self.spool, self.resolver, reactor,
+                                           self.run_blocking,
+                                           tls.client_context(config.outbound),
+                                           self.notify_sender)
+        else:
+            self.outbound = Handoff(self.spool, Spool(server.spool_dir), worker.channel,
+                                    self.run_blocking)
         self.outbound.metrics = self.metrics
         self.local = LocalDelivery(self.spool, self.mail_root, server.hostname,
                                    self.run_blocking, reactor, config.queue.retry_delay)
@@ -130,12 +144,23 @@ class MailstackService(MultiService):
         #: POP3 sizes (CRLF line ends) by message, so a login reads each file once.
         self._pop3_sizes: dict[str, int] = {}
         self.listeners: list[ListenerService] = []
-        for spec in config.listen:
+        for i, spec in enumerate(config.listen):
+            if worker is not None:
+                if i not in worker.sockets:
+                    continue
+                endpoint = AdoptedEndpoint(reactor, worker.sockets[i], spec.address)
+            else:
+                endpoint = self._endpoint(spec)
             factory = self._factory(spec)
             self.metrics.instrument(factory, spec.protocol)
-            listener = ListenerService(spec, self._endpoint(spec), factory)
+            listener = ListenerService(spec, endpoint, factory)
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        #: The SMTP worker processes ([smtp] processes), started once the listeners are bound.
+        self.workers: WorkerPool | None = None
+        if worker is None and config.smtp.processes > 1:
+            self.workers = WorkerPool(self, config.smtp.processes)
+            self.workers.setServiceParent(self)
 
     def run_blocking(self, f, *args, **kwargs) -> Deferred:
         """Run blocking work (fsync, hashing) in the bounded pool."""
@@ -180,15 +205,30 @@ class MailstackService(MultiService):
         d = self.run_blocking(open_account, address, mailboxes, self.run_blocking)
         return d.addCallback(lambda account: (account, lambda: None))
 
-    def queued(self, envelope: Envelope) -> None:
-        """A message was committed to the spool: deliver locally, then remotely."""
-        remote = any(not r.local for r in envelope.recipients)
-        if any(r.local for r in envelope.recipients):
-            d = self.local.deliver(envelope)
+    def queued(self, envelope: Envelope, replay: bool = False) -> None:
+        """A message was committed to the spool (or taken over with ``replay``):
+        deliver locally, then remotely.
+
+        In an SMTP worker "remotely" means handing the message to the main
+        process, which then owns it whole: a local retry still pending here
+        is dropped, the main process makes it.
+        """
+        pending = [r for _, r in envelope.pending()]
+        remote = any(not r.local for r in pending)
+        if any(r.local for r in pending):
+            d = self.local.deliver(envelope, replay)
             if remote:
+                if self.worker is not None:
+                    d.addCallback(lambda _: self.local.release(envelope.id))
                 d.addCallback(lambda _: self.outbound.schedule(envelope.id))
         elif remote:
             self.outbound.schedule(envelope.id)
+
+    def handed_over(self, queue_id: str) -> None:
+        """An SMTP worker moved a message into our spool: finish it here."""
+        d = self.run_blocking(self.spool.load, queue_id)
+        d.addCallbacks(self.queued, lambda f: log.failure("{id}: cannot load", f, id=queue_id),
+                       callbackKeywords={"replay": True})
 
     def inject(self, sender: str, recipients: list[str], message: bytes) -> Deferred:
         """Queue a message made here (a bounce): same spool, same deliveries."""
@@ -242,6 +282,8 @@ class MailstackService(MultiService):
 
     def reload(self) -> None:
         """SIGHUP: read the TLS certificate and key again (sessions stay)."""
+        if self.workers is not None:
+            self.workers.signal(signal.SIGHUP)
         if self.tls_context is None:
             return
         try:
@@ -292,20 +334,60 @@ class MailstackService(MultiService):
             log.warn("insecure permissions: {problem}", problem=problem)
         return problems
 
+    def adopt_worker_spool(self, index: int) -> Deferred:
+        """Take over what a dead SMTP worker acknowledged and had not delivered."""
+        d = self.run_blocking(self._take_spool, worker_spool_dir(self.config.server.spool_dir,
+                                                                 index))
+        d.addCallback(lambda envelopes: [self.queued(e, replay=True) for e in envelopes])
+        d.addErrback(lambda f: log.failure("cannot take over SMTP worker {n}'s spool", f,
+                                           n=index))
+        return d
+
+    def _take_spool(self, directory, wait: float = 10.0) -> list[Envelope]:
+        """``Spool.take_all`` under the other spool's lock: a worker that is still
+        ending (its main process died) gets ``wait`` seconds to let go."""
+        other = Spool(directory)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                other.open()
+                break
+            except SpoolLocked:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        try:
+            envelopes = self.spool.take_all(other)
+        finally:
+            other.close()
+        if envelopes:
+            log.info("took over {n} message(s) from {dir}", n=len(envelopes), dir=str(directory))
+        return envelopes
+
+    def _resume(self, envelopes: list[Envelope]) -> None:
+        pending = self.local.resume(envelopes)
+        if pending:
+            log.info("resuming {n} interrupted local deliveries", n=len(pending))
+        self.outbound.start(envelopes)
+
     def startService(self) -> None:
-        self.check_modes()
         if threading.current_thread() is threading.main_thread():
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
         self.pool.start()
+        if self.worker is not None:
+            # The main process did the start-up checks, and took over this spool.
+            self._resume(self.spool.recover())
+            super().startService()
+            return
+        self.check_modes()
         self.mail_root.ensure()
         removed = self.mail_root.clean_tmp()
         if removed:
             log.info("removed {n} stale file(s) from Maildir tmp/ directories", n=removed)
         envelopes = self.spool.recover()
-        pending = self.local.resume(envelopes)
-        if pending:
-            log.info("resuming {n} interrupted local deliveries", n=len(pending))
-        self.outbound.start(envelopes)
+        for directory in worker_spools(self.config.server.spool_dir):
+            envelopes += self._take_spool(directory)
+        self._resume(envelopes)
         super().startService()
 
     def stopService(self) -> Deferred:

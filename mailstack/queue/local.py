@@ -82,6 +82,12 @@ class LocalDelivery:
         return [self.deliver(env, replay=True) for env in envelopes
                 if any(r.local for _, r in env.pending())]
 
+    def release(self, queue_id: str) -> None:
+        """Forget a message another process now owns: no retry of it here."""
+        call = self._retries.pop(queue_id, None)
+        if call is not None and call.active():
+            call.cancel()
+
     def stop(self) -> None:
         """Start nothing more; what waits is still in the spool for the next start."""
         self._stopped = True

@@ -385,6 +385,40 @@ class Spool:
             except FileNotFoundError:
                 pass
 
+    def take(self, other: Spool, queue_id: str) -> Envelope:
+        """Move one committed message from ``other`` (an SMTP worker's spool)
+        into this one and return its envelope. The worker that owned ``other``
+        has handed the message over or is dead, so nothing else moves it.
+
+        Links first, the envelope last (the commit record here), fsyncs this
+        ``queue/``, and only then unlinks the originals: a crash at any point
+        leaves the message in at least one spool. In the narrow window after
+        the fsync and before the unlinks are durable it may be in both, and is
+        then delivered from both: local delivery is idempotent (Maildir names
+        come from the queue id), a remote one may repeat. Never lost.
+        """
+        try:
+            os.link(other.queue / f"{queue_id}.msg", self.queue / f"{queue_id}.msg")
+        except FileExistsError:
+            pass  # taken before, and the unlinks were lost in a crash
+        try:
+            os.link(other.queue / f"{queue_id}.env", self.queue / f"{queue_id}.env")
+        except FileExistsError:
+            pass
+        self.queue_sync.sync()
+        envelope = self.load(queue_id)
+        other.remove(queue_id)
+        fsync_dir(other.queue)
+        return envelope
+
+    def take_all(self, other: Spool) -> list[Envelope]:
+        """Every committed message of ``other`` moved here (``take``); what
+        ``other`` never acknowledged is removed, as ``recover`` would."""
+        other.ensure()
+        envelopes = [self.take(other, queue_id) for queue_id in other.queued_ids()]
+        other.recover()
+        return envelopes
+
     def recover(self) -> list[Envelope]:
         """Envelopes of queued messages; removes what was never acknowledged.
 
