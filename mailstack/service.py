@@ -13,7 +13,7 @@ from twisted.internet import defer, endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python.threadpool import ThreadPool
 
 from mailstack import tls
@@ -87,6 +87,8 @@ class ListenerService(Service):
 
 class MailstackService(MultiService):
     _previous_sighup = None
+    #: The observer twistd should log through (mailstack.logs), set by the plugin.
+    log_observer = None
 
     def __init__(self, config: Config, reactor=None, worker: WorkerRole | None = None):
         """``worker``: run as an SMTP worker process (mailstack.workers): the mx
@@ -333,6 +335,13 @@ class MailstackService(MultiService):
         for problem in problems:
             log.warn("insecure permissions: {problem}", problem=problem)
         return problems
+
+    def setServiceParent(self, parent) -> None:
+        """Under twistd the parent is the application, which twistd asks for
+        its log observer once the plugin has made this service."""
+        super().setServiceParent(parent)
+        if self.log_observer is not None:
+            parent.setComponent(ILogObserver, self.log_observer)
 
     def adopt_worker_spool(self, index: int) -> Deferred:
         """Take over what a dead SMTP worker acknowledged and had not delivered."""

@@ -17,7 +17,7 @@ whatever its spool still holds, delivers it, and starts a new worker; at
 start-up it takes over every worker spool before starting any worker.
 
 Workers talk to the main process over their stdout, one JSON array per line:
-``["log", time, namespace, level, text]`` (the main process writes it to its
+``["log", time, namespace, level, system, text]`` (the main process writes it to its
 own log, so there is one log) and ``["queued", queue_id]``. A worker stops
 when its stdin closes, which happens when the main process exits or dies.
 """
@@ -35,10 +35,10 @@ from pathlib import Path
 from twisted.application.service import Service
 from twisted.internet import defer, protocol
 from twisted.internet.defer import Deferred
-from twisted.logger import (ILogObserver, LogLevel, Logger, eventAsText, globalLogBeginner,
-                            globalLogPublisher)
+from twisted.logger import ILogObserver, LogLevel, Logger, globalLogBeginner, globalLogPublisher
 from zope.interface import implementer
 
+from mailstack.logs import format_text, system_of
 from mailstack.queue.spool import Spool
 
 log = Logger(namespace="mailstack.workers")
@@ -88,10 +88,10 @@ class _WorkerProcess(protocol.ProcessProtocol):
                 log.error("worker {n}: unreadable message {line!r}", n=self.index, line=line[:200])
                 continue
             if kind == "log":
-                _, when, namespace, level, text = message
+                _, when, namespace, level, system, text = message
                 globalLogPublisher({
                     "log_time": when, "log_namespace": namespace,
-                    "log_level": LogLevel.levelWithName(level),
+                    "log_level": LogLevel.levelWithName(level), "log_system": system,
                     "log_format": "{log_text}", "log_text": text,
                 })
             elif kind == "queued":
@@ -215,11 +215,9 @@ class ChannelLogObserver:
     channel: ParentChannel
 
     def __call__(self, event: dict) -> None:
-        text = eventAsText(event, includeTraceback=True, includeTimestamp=False,
-                           includeSystem=False)
         level = event.get("log_level", LogLevel.info)
         self.channel.send(["log", event.get("log_time"), event.get("log_namespace", "-"),
-                           level.name, text])
+                           level.name, system_of(event), format_text(event)])
 
 
 @dataclass

@@ -22,14 +22,17 @@ class MailstackServiceMaker:
         import sys
 
         from mailstack.config import ConfigError, load
+        from mailstack.logs import observer_for_twistd
         from mailstack.queue.spool import SpoolLocked
         from mailstack.service import MailstackService
         from mailstack.tls import TLSSetupError
 
         try:
-            return MailstackService(load(options["config"]))
+            service = MailstackService(load(options["config"]))
         except (ConfigError, SpoolLocked, TLSSetupError, ValueError) as e:
             sys.exit(f"mailstack: {e}")
+        service.log_observer = observer_for_twistd(options.parent)
+        return service
 
 
 serviceMaker = MailstackServiceMaker()
