@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import proc_status  # noqa: E402
 from tests.imap_support import Raw  # noqa: E402
 from tests.support.instance import PASSWORD, DaemonProcess, free_port  # noqa: E402
 
@@ -74,13 +75,6 @@ class Client(Raw):
         self.cmd(f'LOGIN {USER} "{PASSWORD}"')
 
 
-def rss_kb(pid: int, key: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def timed(f):
     start = time.perf_counter()
     result = f()
@@ -112,7 +106,7 @@ def main() -> None:
     try:
         # A first round warms up the thread pool and the TLS context; it is not reported.
         for tls, count in ((False, 16), (True, 16), (False, args.idle), (True, args.idle)):
-            before = rss_kb(pid)
+            before = proc_status(pid)
 
             def idle_client(_):
                 cl = Client(tls_port if tls else port, tls)
@@ -125,7 +119,7 @@ def main() -> None:
             with ThreadPoolExecutor(16) as pool:
                 idlers = list(pool.map(idle_client, range(count)))
             time.sleep(1)
-            after = rss_kb(pid)
+            after = proc_status(pid)
             if count == args.idle:
                 print(f"{count} idle {'TLS' if tls else 'plain TCP'} connections (logged in, "
                       f"INBOX selected, in IDLE): RSS {before / 1024:.1f} -> "
@@ -135,7 +129,7 @@ def main() -> None:
             time.sleep(1)
         c = Client(port)
         c.login()
-        print(f"server pid {pid}, RSS with one client logged in {rss_kb(pid) / 1024:.1f} MB")
+        print(f"server pid {pid}, RSS with one client logged in {proc_status(pid) / 1024:.1f} MB")
         for name, n in (("Small", args.small), ("Big", args.big)):
             for round_ in ("cold", "warm", "warm"):
                 t_select, lines = timed(lambda: c.cmd(f"SELECT {name}"))
@@ -144,7 +138,8 @@ def main() -> None:
                 print(f"{n:>6} messages {round_}: SELECT {t_select * 1000:7.1f} ms, "
                       f"UID FETCH 1:* (FLAGS) {t_fetch * 1000:7.1f} ms, "
                       f"together {(t_select + t_fetch) * 1000:7.1f} ms; server RSS "
-                      f"{rss_kb(pid) / 1024:.0f} MB, peak {rss_kb(pid, 'VmHWM') / 1024:.0f} MB")
+                      f"{proc_status(pid) / 1024:.0f} MB, "
+                      f"peak {proc_status(pid, 'VmHWM') / 1024:.0f} MB")
             c.cmd("UNSELECT")
         c.cmd("SELECT Small")
         latencies = []
@@ -162,7 +157,7 @@ def main() -> None:
               f"p99 {latencies[int(len(latencies) * 0.99) - 1] * 1000:.2f} ms")
         c.cmd("LOGOUT")
 
-        print(f"peak RSS (VmHWM) {rss_kb(pid, 'VmHWM') / 1024:.1f} MB")
+        print(f"peak RSS (VmHWM) {proc_status(pid, 'VmHWM') / 1024:.1f} MB")
     finally:
         daemon.stop()
 
