@@ -12,16 +12,18 @@ existing log tooling keep working.
 
 ``observer_for_twistd`` makes the observer for the destination twistd's own
 options name (``--logfile``, or stdout with ``--nodaemon``); with
-``--syslog`` or ``--logger`` twistd's choice stands.
+``--syslog`` or ``--logger`` twistd's choice stands. A log file is opened
+for appending (``AppendFile``) rather than through Twisted's ``LogFile``,
+because SMTP workers (mailstack.workers) append to the same file, and it is
+not rotated by size: logrotate moves it and sends SIGUSR1 (see the README).
 """
 
 from __future__ import annotations
 
-import signal
+import os
 import sys
 
 from twisted.logger import ILogObserver, eventAsText, formatTime
-from twisted.python import logfile
 from zope.interface import implementer
 
 
@@ -73,6 +75,35 @@ class LineObserver:
         self.out.flush()
 
 
+class AppendFile:
+    """A log file opened for appending (O_APPEND), by path.
+
+    Several processes (the main one and its SMTP workers) write to it at
+    once; with O_APPEND each line, written in one ``write``, lands whole at
+    the end whoever wrote before. ``reopen`` follows a logrotate rename.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = self._open()
+
+    def _open(self):
+        return open(self.path, "a", encoding="utf-8", errors="replace")
+
+    def write(self, text: str) -> None:
+        self._file.write(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def reopen(self) -> None:
+        old, self._file = self._file, self._open()
+        old.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def observer_for_twistd(options) -> LineObserver | None:
     """A ``LineObserver`` writing where twistd would, from twistd's options
     (the parent of the plugin's options); None to leave the choice to twistd."""
@@ -81,12 +112,4 @@ def observer_for_twistd(options) -> LineObserver | None:
     name = options.get("logfile")
     if name == "-" or (options.get("nodaemon") and not name):
         return LineObserver(sys.stdout)
-    out = logfile.LogFile.fromFullPath(name or "twistd.log")
-    # logrotate's postrotate sends SIGUSR1, as for twistd's own log file.
-    signal.signal(signal.SIGUSR1, lambda *_: _reopen_later(out))
-    return LineObserver(out)
-
-
-def _reopen_later(out: logfile.LogFile) -> None:
-    from twisted.internet import reactor
-    reactor.callFromThread(out.reopen)
+    return LineObserver(AppendFile(os.path.abspath(name or "twistd.log")))

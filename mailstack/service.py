@@ -86,7 +86,8 @@ class ListenerService(Service):
 
 
 class MailstackService(MultiService):
-    _previous_sighup = None
+    #: Signal handlers replaced by ours while running (restored at stop).
+    _previous_signals: dict = {}
     #: The observer twistd should log through (mailstack.logs), set by the plugin.
     log_observer = None
 
@@ -296,8 +297,27 @@ class MailstackService(MultiService):
             log.info("TLS certificate and key reloaded from {cert}",
                      cert=self.config.tls.certificate)
 
-    def _sighup(self, signum, frame) -> None:
-        self.reactor.callFromThread(self.reload)
+    def reopen_log(self) -> None:
+        """SIGUSR1 (logrotate): open the log file again, here and in the workers."""
+        if self.workers is not None:
+            self.workers.signal(signal.SIGUSR1)
+        out = getattr(self.log_observer, "out", None)
+        if hasattr(out, "reopen"):
+            out.reopen()
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        handlers = {signal.SIGHUP: self.reload, signal.SIGUSR1: self.reopen_log}
+        self._previous_signals = {
+            signum: signal.signal(signum, lambda *_, run=run: self.reactor.callFromThread(run))
+            for signum, run in handlers.items()}
+
+    def _restore_signals(self) -> None:
+        previous, self._previous_signals = self._previous_signals, {}
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def check_modes(self) -> list[str]:
         """Warn about secrets and mail that other local users could read.
@@ -380,8 +400,7 @@ class MailstackService(MultiService):
         self.outbound.start(envelopes)
 
     def startService(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        self._install_signals()
         self.pool.start()
         if self.worker is not None:
             # The main process did the start-up checks, and took over this spool.
@@ -400,9 +419,7 @@ class MailstackService(MultiService):
         super().startService()
 
     def stopService(self) -> Deferred:
-        previous, self._previous_sighup = self._previous_sighup, None
-        if previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGHUP, previous)
+        self._restore_signals()
         d = super().stopService()
 
         d.addBoth(lambda result: self.outbound.stop().addCallback(lambda _: result))

@@ -16,10 +16,15 @@ talks to other servers. When a worker dies the main process takes over
 whatever its spool still holds, delivers it, and starts a new worker; at
 start-up it takes over every worker spool before starting any worker.
 
-Workers talk to the main process over their stdout, one JSON array per line:
-``["log", time, namespace, level, system, text]`` (the main process writes it to its
-own log, so there is one log) and ``["queued", queue_id]``. A worker stops
-when its stdin closes, which happens when the main process exits or dies.
+Workers write their log lines where the main process writes its own (the
+same file, opened for appending, or the same standard output), so there is
+one log. Where the main process logs through something else (twistd's
+syslog or custom logger, or no twistd at all), a worker sends its log events
+over its stdout instead, as ``["log", time, namespace, level, system, text]``,
+and the main process publishes them. ``["queued", queue_id]`` on the same
+stdout names a message handed over, and ``["ready"]`` says the worker's
+signal handlers (SIGHUP, SIGUSR1) are in place. A worker stops when its stdin closes,
+which happens when the main process exits or dies.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -38,7 +44,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, LogLevel, Logger, globalLogBeginner, globalLogPublisher
 from zope.interface import implementer
 
-from mailstack.logs import format_text, system_of
+from mailstack.logs import AppendFile, LineObserver, format_text, system_of
 from mailstack.queue.spool import Spool
 
 log = Logger(namespace="mailstack.workers")
@@ -74,8 +80,21 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self.index = index
         self.started = pool.reactor.seconds()
         self.ended: Deferred = Deferred()
+        #: Set once the worker runs its service (its signal handlers are in place);
+        #: signals for it wait in ``pending`` until then, or they would kill it.
+        self.ready = False
+        self.pending: list[int] = []
         self._buffer = b""
         self._err = b""
+
+    def signal(self, signum: int) -> None:
+        if not self.ready and signum != signal.SIGKILL:
+            self.pending.append(signum)
+            return
+        try:
+            self.transport.signalProcess(signum)
+        except OSError:
+            pass
 
     def outReceived(self, data: bytes) -> None:
         lines = (self._buffer + data).split(b"\n")
@@ -96,6 +115,11 @@ class _WorkerProcess(protocol.ProcessProtocol):
                 })
             elif kind == "queued":
                 self.pool.queued(message[1])
+            elif kind == "ready":
+                self.ready = True
+                pending, self.pending = self.pending, []
+                for signum in pending:
+                    self.signal(signum)
 
     def errReceived(self, data: bytes) -> None:
         lines = (self._err + data).split(b"\n")
@@ -139,6 +163,13 @@ class WorkerPool(Service):
         for n, (listener_index, fd) in enumerate(sorted(self._sockets().items())):
             child_fds[3 + n] = fd
             args += ["--listen", f"{listener_index}={3 + n}"]
+        out = getattr(self.service.log_observer, "out", None)
+        if isinstance(out, AppendFile):
+            args += ["--log-file", out.path]
+        elif out is not None:
+            log_fd = max(child_fds) + 1
+            child_fds[log_fd] = out.fileno()
+            args += ["--log-fd", str(log_fd)]
         worker = _WorkerProcess(self, index)
         self.reactor.spawnProcess(worker, sys.executable, args, env=dict(os.environ),
                                 childFDs=child_fds)
@@ -170,10 +201,7 @@ class WorkerPool(Service):
 
     def signal(self, signum: int) -> None:
         for worker in self.running_workers.values():
-            try:
-                worker.transport.signalProcess(signum)
-            except OSError:
-                pass
+            worker.signal(signum)
 
     def stopService(self) -> Deferred:
         super().stopService()
@@ -182,8 +210,9 @@ class WorkerPool(Service):
         self._restarts.clear()
         workers = list(self.running_workers.values())
         for worker in workers:
-            worker.transport.signalProcess("TERM")
-        kill = self.reactor.callLater(STOP_TIMEOUT, self.signal, 9)
+            worker.ready = True  # the default action of SIGTERM is what it is for
+            worker.signal(signal.SIGTERM)
+        kill = self.reactor.callLater(STOP_TIMEOUT, self.signal, signal.SIGKILL)
         d = defer.DeferredList([w.ended for w in workers])
         return d.addCallback(lambda _: kill.cancel() if kill.active() else None)
 
@@ -277,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--index", type=int, required=True)
     ap.add_argument("--listen", action="append", default=[], help="LISTENER_INDEX=FD")
+    ap.add_argument("--log-file", help="append log lines to this file")
+    ap.add_argument("--log-fd", type=int, help="write log lines to this descriptor")
     args = ap.parse_args(argv)
 
     from twisted.internet import reactor, stdio
@@ -286,12 +317,20 @@ def main(argv: list[str] | None = None) -> None:
 
     channel = ParentChannel(reactor)
     stdio.StandardIO(channel, reactor=reactor)
-    globalLogBeginner.beginLoggingTo([ChannelLogObserver(channel)], redirectStandardIO=False)
+    if args.log_file:
+        observer = LineObserver(AppendFile(args.log_file))
+    elif args.log_fd is not None:
+        observer = LineObserver(open(args.log_fd, "w", encoding="utf-8", errors="replace"))
+    else:
+        observer = ChannelLogObserver(channel)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     sockets = {int(i): int(fd) for i, fd in (spec.split("=", 1) for spec in args.listen)}
     service = MailstackService(load(args.config), reactor,
                                worker=WorkerRole(args.index, sockets, channel))
+    service.log_observer = observer
     service.privilegedStartService()
     service.startService()
+    channel.send(["ready"])
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
 

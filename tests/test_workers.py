@@ -13,6 +13,8 @@ import os
 import re
 import signal
 import smtplib
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -127,7 +129,8 @@ class WorkerTests(unittest.TestCase):
         finally:
             os.kill(self.daemon.proc.pid, signal.SIGCONT)
         worker_queue = self.spool_dir / "workers" / "1" / "queue"
-        self.assertEqual(len(list(worker_queue.glob("*.env"))), 4, "demo's 4 are waiting")
+        wait_until(lambda: len(list(worker_queue.glob("*.env"))) == 4, 10,
+                   "demo's 4 to wait in the worker's spool, the others delivered")
         blocked.unlink()
         os.kill(worker, signal.SIGKILL)
         wait_until(lambda: len(worker_pids(self.daemon)) > 1, 20, "a new worker")
@@ -210,3 +213,65 @@ class WorkerRemoteTests(unittest.TestCase):
         yield wait_for(lambda: all_spools_empty(daemon.config.server.spool_dir), timeout=20)
         inbox = daemon.config.server.mail_root / "example.test" / "demo" / "Maildir" / "new"
         self.assertEqual(len(list(inbox.iterdir())), 5)
+
+
+class WorkerLogTests(unittest.TestCase):
+    """Workers write to the main process's log destination themselves."""
+
+    timeout = 90
+
+    def test_logrotate_rename_and_sigusr1_reopen_in_every_process(self):
+        daemon = DaemonProcess(Path(self.mktemp()).absolute(), users=USERS, tls=False,
+                               smtp={"processes": 2})
+        self.addCleanup(daemon.stop)
+        daemon.start()
+        wait_until(lambda: worker_pids(daemon), 20, "the worker to start")
+        worker = worker_pids(daemon)[0]
+        rotated = daemon.log.with_name("twistd.log.1")
+        os.rename(daemon.log, rotated)
+        os.kill(daemon.proc.pid, signal.SIGUSR1)
+        wait_until(daemon.log.exists, 10, "the main process to reopen its log")
+        ledger = Ledger()
+        # Both processes log a transaction: the worker while the main one is paused...
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            sender = Sender(daemon.port, "w", ledger, threading.Event(), limit=2,
+                            per_connection=1)
+            sender.run()
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+        self.assertEqual(sender.errors, [])
+        # And the main process while the worker is.
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            Sender(daemon.port, "m", ledger, threading.Event(), limit=2, per_connection=1).run()
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        self.assertEqual(len(ledger.acked), 4)
+        wait_until(lambda: {daemon.proc.pid, worker} <= accepting_pids(daemon), 10,
+                   "lines of both processes in the new log")
+        self.assertNotRegex(rotated.read_text(), r"client=")
+
+    def test_standard_output_is_shared(self):
+        """``--logfile=-`` (the systemd unit): the worker's lines come out on
+        the main process's standard output."""
+        root = Path(self.mktemp()).absolute()
+        daemon = DaemonProcess(root, users=USERS, tls=False, smtp={"processes": 2})
+        twistd = Path(sys.executable).with_name("twistd")
+        out = open(root / "stdout.log", "wb")
+        self.addCleanup(out.close)
+        daemon.proc = subprocess.Popen(
+            [str(twistd), "--nodaemon", "--pidfile=", "--logfile=-", "mailstack",
+             "--config", str(daemon.config_path)], cwd=root, stdout=out, stderr=out)
+        daemon.log = root / "stdout.log"
+        self.addCleanup(daemon.stop)
+        wait_until(lambda: worker_pids(daemon), 20, "the worker to start")
+        worker = worker_pids(daemon)[0]
+        ledger = Ledger()
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            Sender(daemon.port, "w", ledger, threading.Event(), limit=2, per_connection=1).run()
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+        self.assertEqual(len(ledger.acked), 2)
+        wait_until(lambda: worker in accepting_pids(daemon), 10, "the worker's lines on stdout")
