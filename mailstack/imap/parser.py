@@ -33,7 +33,9 @@ from mailstack.store.folders import BadMailboxName, mutf7_decode, normalize
 
 _LITERAL_END = re.compile(rb"\{([0-9]{1,10})(\+?)\}\Z")
 _LOOKS_LITERAL = re.compile(rb"\{[^{}]*\}\Z")
-_TAG = re.compile(rb"[\x21-\x7e]+")
+# RFC 3501 9: tag = 1*<any ASTRING-CHAR except "+">, that is any CHAR but
+# CTL, SP, ( ) { % * " and backslash.
+_TAG = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\+]{1,99}')
 MAX_NUMBER = 2 ** 32 - 1
 MAX_DEPTH = 64
 
@@ -157,6 +159,10 @@ class CommandReader:
                 return Rejected(partial.tag, b"BAD Invalid literal size", close=True)
             partial.data += line
             self._partial = None
+            if partial.tag == b"*":
+                # Echoing it would forge an untagged line ("*"), a continuation
+                # request ("+") or put NUL and 8-bit bytes into a response.
+                return Rejected(b"*", b"BAD Invalid tag")
             parts = bytes(partial.data).split(b" ", 2)
             if len(parts) < 2 or not parts[1]:
                 return Rejected(partial.tag, b"BAD Missing command")
@@ -192,8 +198,9 @@ class CommandReader:
 
 
 def _tag_of(line: bytes) -> bytes:
+    """The tag that starts ``line``, or "*" when it is not a valid tag."""
     tag = line.split(b" ", 1)[0]
-    return tag if _TAG.fullmatch(tag) and b"+" not in tag and len(tag) < 100 else b"*"
+    return tag if _TAG.fullmatch(tag) else b"*"
 
 
 # -- argument grammar (RFC 3501 9) -------------------------------------------
