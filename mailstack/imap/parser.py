@@ -24,6 +24,7 @@ appears as ``{N}`` CRLF and its N octets. Numbers are at most 2^32-1
 from __future__ import annotations
 
 import calendar
+import datetime
 import re
 from dataclasses import dataclass, field
 
@@ -396,7 +397,12 @@ class Parser:
         m = _DATE.match(raw)
         if not m or m.group(2).lower() not in _MONTHS:
             self.fail("Bad date")
-        return int(m.group(3)), _MONTHS[m.group(2).lower()], int(m.group(1))
+        value = int(m.group(3)), _MONTHS[m.group(2).lower()], int(m.group(1))
+        try:
+            datetime.date(*value)  # 31-Feb-2024, 0-Jan-2024, 1-Jan-0000
+        except ValueError:
+            self.fail("Bad date")
+        return value
 
 
 def decode_mailbox(raw: bytes) -> str:
