@@ -304,7 +304,8 @@ class Parser:
     def literal(self) -> bytes:
         self.expect(b"{")
         size = int(self._match(_NUMBER, "a literal size"))
-        self.expect(b"}\r\n")
+        if not self.take(b"}\r\n"):
+            self.fail("Expected } and CRLF after a literal size")
         if self.pos + size > len(self.data):
             self.fail("Truncated literal")
         value = self.data[self.pos:self.pos + size]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -53,6 +54,7 @@ log = Logger(namespace="mailstack.imap")
 _LOOPBACK = ("127.", "::1", "::ffff:127.")
 _STATUS_ITEMS = (b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN")
 _PAUSE_AT = 1 << 20
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 CAPABILITIES = [b"IMAP4rev1", b"SASL-IR", b"LITERAL+", b"ID", b"ENABLE", b"IDLE",
                 b"NAMESPACE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"LIST-EXTENDED",
                 b"LIST-STATUS", b"CHILDREN", b"UNSELECT"]
@@ -183,12 +185,12 @@ class IMAPServer(SelectedCommands, imap4.IMAP4Server):
         try:
             self.dispatchCommand(tag, cmd.verb, cmd.rest)
         except imap4.IllegalClientResponse as e:
-            self.sendBadResponse(tag, str(e).encode("utf-8", "replace")[:200])
+            self.sendBadResponse(tag, _text(e))
         except BadName as e:
-            self.sendNegativeResponse(tag, b"[CANNOT] " + str(e).encode())
+            self.sendNegativeResponse(tag, b"[CANNOT] " + _text(e))
         except MailboxError as e:
             code = b"[%s] " % e.code.encode() if e.code else b""
-            self.sendNegativeResponse(tag, code + str(e).encode())
+            self.sendNegativeResponse(tag, code + _text(e))
         except FolderGone:
             self.sendNegativeResponse(tag, b"[NONEXISTENT] Mailbox no longer exists")
         except Exception:
@@ -686,6 +688,11 @@ class IMAPServer(SelectedCommands, imap4.IMAP4Server):
                "COPY": (SelectedCommands.do_COPY, arg_seqset, arg_mailbox),
                "MOVE": (SelectedCommands.do_MOVE, arg_seqset, arg_mailbox),
                "UID": (SelectedCommands.do_UID, arg_atom, arg_line)}
+
+
+def _text(error: Exception) -> bytes:
+    """An error message as resp-text (RFC 3501 9): one line, no CR, LF or NUL."""
+    return _CONTROL.sub(b"?", str(error).encode("utf-8", "replace"))[:200]
 
 
 def _status_items(p: Parser) -> list[bytes]:
