@@ -156,6 +156,9 @@ class IMAPServer(SelectedCommands, imap4.IMAP4Server):
                 item = self.reader.next()
                 if self.reader.wants_continuation:
                     self.sendContinuationRequest(b"Ready for literal data")
+                    # The literal may be buffered already (a client that did
+                    # not wait for the "+", or input held while a command ran).
+                    continue
                 if item is None:
                     break
                 if isinstance(item, Rejected):
