@@ -360,7 +360,9 @@ class IMAPServer(SelectedCommands, imap4.IMAP4Server):
             # RFC 4959 SASL-IR: "=" stands for an empty initial response.
             self._sasl_plain(tag, b"" if rest == b"=" else rest)
             return
-        self.sendContinuationRequest(b"")
+        # RFC 3501 7.5: continue-req = "+" SP (resp-text / base64); Twisted's
+        # sendContinuationRequest leaves out the SP of an empty challenge.
+        self.sendLine(b"+ ")
 
         def response(line):
             self._line_handler = None
