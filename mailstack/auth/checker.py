@@ -34,11 +34,11 @@ class PasswordChecker:
         self._slots = DeferredSemaphore(max_concurrent)
 
     def requestAvatarId(self, credentials) -> Deferred:
+        password = credentials.password
         try:
             name = credentials.username
             if isinstance(name, bytes):
                 name = name.decode("utf-8")
-            password = credentials.password
             if isinstance(password, bytes):
                 password = password.decode("utf-8")
             address = canonical(name)
