@@ -9,6 +9,7 @@ lookup.
 
 from __future__ import annotations
 
+import functools
 import re
 
 # RFC 5321 4.5.3.1.1 and 4.5.3.1.2.
@@ -23,8 +24,13 @@ class BadAddress(ValueError):
     """Not an address mailstack can hold as a user or alias."""
 
 
+@functools.lru_cache(maxsize=4096)
 def canonical_domain(domain: str) -> str:
-    """Lower-case A-label form without a trailing dot, or BadAddress."""
+    """Lower-case A-label form without a trailing dot, or BadAddress.
+
+    Cached: every RCPT, MAIL and policy check asks it about the same few
+    domains, and the IDNA codec is slow.
+    """
     # One trailing dot is the root (an absolute name); "example.test.." is not a name.
     name = domain[:-1] if domain.endswith(".") else domain
     try:
