@@ -32,7 +32,7 @@ from mailstack.metrics import Metrics
 from mailstack.dns import Resolver
 from mailstack.policy.chain import build_chain
 from mailstack.imap.server import IMAPFactory, open_account
-from mailstack.pop3.mailbox import Maildrop
+from mailstack.pop3.mailbox import Maildrop, MaildropCache
 from mailstack.pop3.server import POP3Factory
 from mailstack.queue.bounce import build_dsn
 from mailstack.queue.runner import OutboundRunner
@@ -144,8 +144,9 @@ class MailstackService(MultiService):
         self.login_guard = LoginGuard(
             FailureLimiter(auth.max_failures_per_ip, auth.failure_window, reactor),
             FailureLimiter(auth.max_failures_per_account, auth.failure_window, reactor))
-        #: POP3 sizes (CRLF line ends) by message, so a login reads each file once.
-        self._pop3_sizes: dict[str, int] = {}
+        #: POP3 sizes and listings, so a login reads each file once and an unchanged
+        #: maildrop's directories not at all.
+        self._pop3_cache = MaildropCache()
         self.listeners: list[ListenerService] = []
         for i, spec in enumerate(config.listen):
             if worker is not None:
@@ -195,10 +196,8 @@ class MailstackService(MultiService):
 
     def _open_maildrop(self, address: str) -> Deferred:
         """The POP3 avatar: the locked INBOX snapshot, built off the reactor."""
-        if len(self._pop3_sizes) > 200_000:
-            self._pop3_sizes.clear()
         folder = user_inbox(self.mail_root.maildir(address))
-        d = self.run_blocking(Maildrop.open, address, folder, self._pop3_sizes)
+        d = self.run_blocking(Maildrop.open, address, folder, self._pop3_cache)
         return d.addCallback(lambda maildrop: (maildrop, maildrop.logout))
 
     def _open_imap_account(self, address: str) -> Deferred:

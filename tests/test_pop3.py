@@ -34,9 +34,10 @@ from twisted.trial import unittest
 
 from mailstack.auth.limiter import FailureLimiter, LoginGuard
 from mailstack.config import Config
-from mailstack.pop3.mailbox import Maildrop
+from mailstack.pop3.mailbox import Maildrop, MaildropCache
 from mailstack.pop3.server import POP3Factory
-from mailstack.pop3.wire import CHUNK, WireEncoder, encode, top_chunks, wire_size
+from mailstack.pop3.wire import (AS_IS, CHUNK, LF_TO_CRLF, WireEncoder, by_recipe, encode,
+                                 recipe_of, top_chunks, wire_size)
 from mailstack.store.folder import Folder
 from tests.support.instance import PASSWORD, Instance, in_thread, wait_for
 
@@ -1301,6 +1302,22 @@ class WireTests(unittest.TestCase):
     def test_top_matches_reference(self, data, lines):
         self.assertEqual(b"".join(top_chunks(io.BytesIO(data), lines)), reference_top(data, lines))
 
+    @given(st.binary(max_size=300) | st.lists(st.sampled_from(
+        [b"a", b".", b"\r", b"\n", b"\r\n", b"x y"]), max_size=60).map(b"".join))
+    def test_recipe_gives_the_same_octets(self, data):
+        wire = encode(data)
+        recipe = recipe_of(data, wire)
+        if recipe is not None:
+            self.assertEqual(by_recipe(recipe, data), wire)
+
+    def test_recipe_examples(self):
+        self.assertEqual(recipe_of(b"", encode(b"")), AS_IS)
+        self.assertEqual(recipe_of(b"a\r\nb\r\n", encode(b"a\r\nb\r\n")), AS_IS)
+        self.assertEqual(recipe_of(b"a\nb\n", encode(b"a\nb\n")), LF_TO_CRLF)
+        # Dot-stuffing, a missing last line end, mixed line ends: no recipe.
+        for data in (b"a\n.b\n", b".a\r\n", b"a\r\nb", b"a\nb", b"a\r\nb\n", b"a\rb\n"):
+            self.assertIsNone(recipe_of(data, encode(data)), data)
+
     def test_top_across_chunks(self):
         header = b"Subject: big\n" + b"X-Long: " + b"y" * (CHUNK + 10) + b"\n\n"
         body = b"".join(b"line %d\n" % i for i in range(40_000))
@@ -1339,7 +1356,7 @@ class FlowControlTests(unittest.TestCase):
         session = factory.buildProtocol(None)
         transport = _TCPLikeTransport()
         session.makeConnection(transport)
-        drop = Maildrop.open(ALICE, folder, {})
+        drop = Maildrop.open(ALICE, folder, MaildropCache())
         session.mbox, session._onLogout = drop, drop.logout
         transport.clear()
         session.dataReceived(b"RETR 1\r\nRETR 2\r\nNOOP\r\n")
@@ -1362,4 +1379,74 @@ class FlowControlTests(unittest.TestCase):
         self.assertEqual(b"".join(received), expected)
         session.connectionLost(None)
         # The session is gone: the maildrop lock is free again.
-        Maildrop.open(ALICE, folder, {}).logout()
+        Maildrop.open(ALICE, folder, MaildropCache()).logout()
+
+
+class MaildropCacheTests(unittest.TestCase):
+    """What one login leaves for the next: listings, sizes and recipes."""
+
+    def setUp(self):
+        root = Path(self.mktemp())
+        root.mkdir()
+        self.folder = Folder(root, ("Maildir",))
+        self.folder.scan()  # creates the Maildir
+        self.top = root / "Maildir"
+        self.cache = MaildropCache()
+
+    def add(self, n: int, data: bytes, name: str = "") -> Path:
+        path = self.top / "new" / (name or f"{1_700_000_000 + n}.M{n}P1.host")
+        path.write_bytes(data)
+        return path
+
+    def age(self, ns: int) -> None:
+        """Set the mtimes of new/ and cur/ to ``ns``."""
+        for sub in ("new", "cur"):
+            os.utime(self.top / sub, ns=(ns, ns))
+
+    def bases(self) -> list[str]:
+        drop = Maildrop.open(ALICE, self.folder, self.cache)
+        drop.logout()
+        return [m.base for m in drop.messages]
+
+    def test_listing_kept_while_the_folder_is_unchanged(self):
+        self.add(1, message(1))
+        self.add(2, message(2))
+        old = time.time_ns() - 10 * 10**9
+        self.age(old)
+        self.assertEqual(len(self.bases()), 2)
+        # A file that appears without changing the directory's mtime is not
+        # seen: the directories were not read again.
+        self.add(3, message(3))
+        self.age(old)
+        self.assertEqual(len(self.bases()), 2)
+        # Any real change (delivery, rename, removal) sets the mtime.
+        os.utime(self.top / "new")
+        self.assertEqual(len(self.bases()), 3)
+
+    def test_listing_not_kept_within_a_second_of_a_change(self):
+        """Two changes in one tick of the mtime clock leave the same mtime."""
+        self.add(1, message(1))
+        now = time.time_ns()
+        self.age(now)
+        self.assertEqual(len(self.bases()), 1)
+        self.add(2, message(2))
+        self.age(now)
+        self.assertEqual(len(self.bases()), 2)
+
+    def test_recipe_is_checked_against_the_length(self):
+        """A file changed in place (against the Maildir rules) is encoded afresh."""
+        path = self.add(1, b"Subject: x\r\n\r\nplain\r\n")
+        drop = Maildrop.open(ALICE, self.folder, self.cache)
+        self.addCleanup(drop.logout)
+        self.assertEqual(drop.wire_message(0, CHUNK), b"Subject: x\r\n\r\nplain\r\n")
+        path.write_bytes(b"Subject: x\r\n\r\n.\r\nmore\r\n")
+        self.assertEqual(drop.wire_message(0, CHUNK), b"Subject: x\r\n\r\n..\r\nmore\r\n")
+
+    def test_whole_message_read_despite_a_wrong_size_in_its_name(self):
+        data = message(1)
+        self.add(1, data, name=f"{1_700_000_001}.M1P1.host,S=5")
+        drop = Maildrop.open(ALICE, self.folder, self.cache)
+        self.addCleanup(drop.logout)
+        self.assertEqual(drop.messages[0].size, 5)
+        self.assertEqual(drop.wire_message(0, CHUNK), crlf(data))
+        self.assertIsNone(drop.wire_message(0, len(data) - 1))

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import re
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -27,6 +28,7 @@ _SIZE = re.compile(r",S=(\d+)")
 _WSIZE = re.compile(r",W=(\d+)")
 _USEC = re.compile(r"M(\d{1,6})")
 _MAX_NAME = 255
+_SETTLED_NS = 1_000_000_000
 
 
 class MailboxInUse(Exception):
@@ -119,6 +121,21 @@ class Folder(Maildir):
             return nullcontext(self._held[sub])
         return _OpenedDir(self, sub, create)
 
+    def listing_stamp(self) -> tuple[int, int] | None:
+        """The mtimes of ``new/`` and ``cur/``, or None if one changed in the last second.
+
+        Creating, renaming or removing a message sets its directory's mtime,
+        so a ``scan`` made after a stamp still holds while the stamp is the
+        same; POP3 keeps a listing for the next login that way. Only a
+        settled stamp can say so: mtimes tick every few milliseconds, and a
+        second change in the same tick would leave the mtime as it was
+        (``FolderIndex`` waits the same second, as Dovecot does).
+        """
+        with self._dir("new", create=True) as new, self._dir("cur", create=True) as cur:
+            stamp = (os.fstat(new).st_mtime_ns, os.fstat(cur).st_mtime_ns)
+        settled = time.time_ns() - _SETTLED_NS
+        return stamp if max(stamp) < settled else None
+
     def scan(self) -> list[StoredMessage]:
         """All messages in ``new/`` and ``cur/``, oldest first."""
         messages = []
@@ -146,11 +163,31 @@ class Folder(Maildir):
         ``buffering=0`` gives the unbuffered file, cheaper for reading the
         whole message in large chunks.
         """
+        return os.fdopen(self._open_fd(msg), "rb", buffering)
+
+    def read_message(self, msg: StoredMessage, limit: int) -> bytes | None:
+        """The content of a message of at most ``limit`` octets, or None if it is larger.
+
+        One ``open`` and, when the size on disk is known, one ``read``, with
+        no file object: POP3's RETR of a usual message.
+        """
+        fd = self._open_fd(msg)
+        try:
+            data = os.read(fd, limit + 1)
+            if len(data) != msg.size:
+                # Not the size the name or the scan gave: read on to the end.
+                while len(data) <= limit and (more := os.read(fd, limit + 1 - len(data))):
+                    data += more
+        finally:
+            os.close(fd)
+        return data if len(data) <= limit else None
+
+    def _open_fd(self, msg: StoredMessage) -> int:
+        """A read-only descriptor of the message, wherever another session moved it."""
         for _ in range(3):
             try:
                 with self._dir(msg.subdir) as sub:
-                    fd = os.open(msg.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sub)
-                return os.fdopen(fd, "rb", buffering)
+                    return os.open(msg.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sub)
             except FileNotFoundError:
                 found = self.find(msg.base)
                 if found is None:
