@@ -196,6 +196,11 @@ class IMAPServer(SelectedCommands, imap4.IMAP4Server):
             self.sendNegativeResponse(tag, code + _text(e))
         except FolderGone:
             self.sendNegativeResponse(tag, b"[NONEXISTENT] Mailbox no longer exists")
+        except OSError:
+            # A file the command writes at once (a new mailbox's UIDVALIDITY)
+            # cannot be: answered as when the thread pool meets it, disk full
+            # or quota as NO [OVERQUOTA] (RFC 9208, SECURITY-TESTS MD-6).
+            self._failed(Failure(), tag, cmd.verb.decode("ascii", "replace"))
         except Exception:
             log.failure("IMAP command {verb} failed", verb=cmd.verb)
             self.sendNegativeResponse(tag, b"[SERVERBUG] Internal error")
