@@ -193,7 +193,9 @@ def _verify_one(verifier, index: int, value: bytes, lookup: _KeyLookup,
     if isinstance(error, dkim.ValidationError) and "body hash mismatch" in str(error):
         return result("fail", "body hash did not verify")
     if isinstance(error, dkim.DKIMException):
-        return result("permerror", comment(str(error), 80) or "bad signature")
+        # dkimpy formats tag values as Python bytes ("x= value is past (b'1')").
+        text = re.sub(r"""\bb'([^']*)'""", r"\1", str(error))
+        return result("permerror", comment(text, 80) or "bad signature")
     if error is not None:
         return result("permerror", f"bad signature ({type(error).__name__})")
     if not verified:
