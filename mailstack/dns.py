@@ -137,8 +137,13 @@ class Resolver:
         raises ``spf.TempError`` (RFC 7208 2.6.6 temperror).
         """
         import spf
+        query = name.rstrip(".")
+        # RFC 7208 7.3: an expansion longer than 253 octets loses left-hand
+        # labels until it fits (pyspf removes one at most; SECURITY-TESTS SPF-10).
+        while len(query) > 253 and "." in query:
+            query = query.split(".", 1)[1]
         try:
-            records = self.lookup(name, qtype, timeout)
+            records = self.lookup(query, qtype, timeout)
         except NotFound:
             return []
         except TemporaryDNSError as e:
