@@ -39,7 +39,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import task
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.internet.interfaces import IPushProducer, ITCPTransport, IWriteDescriptor
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.mail import pop3
@@ -381,6 +381,8 @@ class POP3Session(pop3.POP3):
             # The usual message: read whole and sent in one write, with no
             # transfer to keep.
             self.transport.write(head + wire + b".\r\n")
+            if not self.splitter.pending():
+                self._send_now()
             self._retrieved(n)
             return
         # Unbuffered: a large message is read in large chunks.
@@ -401,6 +403,20 @@ class POP3Session(pop3.POP3):
         if f is not None:
             self._transfer = _Transfer(n, f, top_chunks(f, int(lines)), retr=False)
             self._pump(b"+OK top of message follows\r\n")
+
+    def _send_now(self) -> None:
+        """Hand the answer just written to the kernel now, not on the reactor's next turn.
+
+        Twisted sends buffered output when the reactor next polls, and a
+        client that waits for each answer before its next command (poplib,
+        fetchmail, most clients) would wait that extra turn on every RETR.
+        The transport's ``doWrite`` is what the reactor would call: it sends
+        what the socket takes and leaves the rest, and any error, to the
+        reactor, for which the descriptor stays registered while output
+        remains. Not while closing: that ``doWrite`` ends the connection.
+        """
+        if IWriteDescriptor.providedBy(self.transport) and not self.transport.disconnecting:
+            self.transport.doWrite()
 
     def _open(self, n: int, buffering: int):
         """Message ``n`` open for reading, or None after answering -ERR."""
