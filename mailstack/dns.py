@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,15 +42,35 @@ class MXHost:
     host: str
 
 
+#: Seconds an answer stays cached at most, whatever its TTL (SECURITY-TESTS
+#: DNS-7): a record published with a TTL of weeks, or a hostile one of years,
+#: is asked again after this.
+MAX_CACHE_TTL = 3600
+
+
+class _Cache(dns.resolver.LRUCache):
+    """dnspython's LRU cache of answers (positive, NODATA and NXDOMAIN, for
+    their TTL or the SOA minimum, RFC 2308), none kept beyond ``max_ttl``."""
+
+    def __init__(self, max_size: int, max_ttl: float):
+        super().__init__(max_size)
+        self.max_ttl = max_ttl
+
+    def put(self, key, value) -> None:
+        value.expiration = min(value.expiration, time.time() + self.max_ttl)
+        super().put(key, value)
+
+
 class Resolver:
-    def __init__(self, config: DNSConfig, run_blocking: Callable[..., Deferred] | None = None):
+    def __init__(self, config: DNSConfig, run_blocking: Callable[..., Deferred] | None = None,
+                 max_ttl: float = MAX_CACHE_TTL):
         self._resolver = dns.resolver.Resolver(configure=not config.nameservers)
         if config.nameservers:
             self._resolver.nameservers = list(config.nameservers)
         self._resolver.port = config.port
         self._resolver.timeout = config.timeout
         self._resolver.lifetime = config.timeout
-        self._resolver.cache = dns.resolver.LRUCache(10_000)
+        self._resolver.cache = _Cache(10_000, max_ttl)
         self._run = run_blocking
 
     def run(self, method: Callable, *args) -> Deferred:
