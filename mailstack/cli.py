@@ -233,15 +233,31 @@ def cmd_alias_list(config: Config, args) -> None:
 
 
 
+def _spools(config: Config) -> list[Spool]:
+    """The main spool and those of SMTP workers ([smtp] processes), which hold
+    what a worker accepted and has not delivered yet."""
+    from mailstack.workers import worker_spools
+
+    return [Spool(config.server.spool_dir)] + [Spool(d) for d in
+                                               worker_spools(config.server.spool_dir)]
+
+
+def _spool_of(config: Config, queue_id: str) -> Spool:
+    for spool in _spools(config):
+        if (spool.queue / f"{queue_id}.env").exists():
+            return spool
+    raise CommandError(f"{queue_id}: no such message in the queue")
+
+
 def _queued(config: Config) -> list:
-    spool = Spool(config.server.spool_dir)
     envelopes = []
-    for path in sorted(spool.queue.glob("*.env")) if spool.queue.is_dir() else []:
-        try:
-            envelopes.append(spool.load(path.stem))
-        except FileNotFoundError:
-            continue  # delivered while we looked
-    return envelopes
+    for spool in _spools(config):
+        for path in sorted(spool.queue.glob("*.env")) if spool.queue.is_dir() else []:
+            try:
+                envelopes.append(spool.load(path.stem))
+            except FileNotFoundError:
+                continue  # delivered while we looked
+    return sorted(envelopes, key=lambda env: env.id)
 
 
 def cmd_queue_list(config: Config, args) -> None:
@@ -262,7 +278,7 @@ def cmd_queue_list(config: Config, args) -> None:
 
 
 def cmd_queue_show(config: Config, args) -> None:
-    spool = Spool(config.server.spool_dir)
+    spool = _spool_of(config, args.queue_id)
     try:
         env = spool.load(args.queue_id)
         with open(spool.message_path(args.queue_id), "rb") as f:
@@ -287,10 +303,7 @@ def cmd_queue_flush(config: Config, args) -> None:
 
 
 def cmd_queue_remove(config: Config, args) -> None:
-    spool = Spool(config.server.spool_dir)
-    if not (spool.queue / f"{args.queue_id}.env").exists():
-        raise CommandError(f"{args.queue_id}: no such message in the queue")
-    spool.remove(args.queue_id)
+    _spool_of(config, args.queue_id).remove(args.queue_id)
     print(f"{args.queue_id}: removed")
 
 

@@ -145,6 +145,10 @@ class WorkerPool(Service):
 
     def startService(self) -> None:
         super().startService()
+        if not self._sockets():
+            log.warn("[smtp] processes = {n}, but no smtp (port 25) listener: no workers",
+                     n=self.count)
+            return
         for index in range(1, self.count):
             self._spawn(index)
 

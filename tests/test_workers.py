@@ -27,6 +27,7 @@ from tests.support.sink import Sink
 from tests.test_crash import (SENDER, USERS, Ledger, Sender, check_maildirs, make_message,
                               spool_empty, wait_until)
 from tests.test_outbound import ZONE
+from tests.test_queue_cli import mailstack
 
 _WORKER = re.compile(r"started SMTP worker 1, pid (\d+)")
 _QUEUED = re.compile(r"\] ([0-9A-F]{22}): client=")
@@ -131,6 +132,14 @@ class WorkerTests(unittest.TestCase):
         worker_queue = self.spool_dir / "workers" / "1" / "queue"
         wait_until(lambda: len(list(worker_queue.glob("*.env"))) == 4, 10,
                    "demo's 4 to wait in the worker's spool, the others delivered")
+        # The queue commands see them there.
+        listing = mailstack(self.daemon.config_path, "queue", "list")
+        self.assertEqual(listing.returncode, 0, listing.stderr)
+        self.assertIn("-- 4 message(s)", listing.stdout)
+        waiting = sorted(p.stem for p in worker_queue.glob("*.env"))
+        shown = mailstack(self.daemon.config_path, "queue", "show", waiting[0])
+        self.assertIn("Recipient: <demo@example.test> (for <demo@example.test>) queued",
+                      shown.stdout)
         blocked.unlink()
         os.kill(worker, signal.SIGKILL)
         wait_until(lambda: len(worker_pids(self.daemon)) > 1, 20, "a new worker")
