@@ -7,6 +7,7 @@ writes one. Reply text never carries raw client bytes with CR or LF
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -30,6 +31,12 @@ class Reply(Exception):
                 prefix += self.enhanced + " "
             out.append((prefix + _CONTROL.sub("?", part)).encode("utf-8", "replace"))
         return out
+
+    @functools.cached_property
+    def wire(self) -> bytes:
+        """The reply as sent, each line ending in CRLF (made once per reply:
+        most are the module's constants)."""
+        return b"".join(line + b"\r\n" for line in self.lines())
 
     @property
     def is_error(self) -> bool:

@@ -232,13 +232,13 @@ class Session(Protocol, TimeoutMixin):
 
     def reply(self, r: Reply) -> None:
         """The one place replies are written; errors count toward the limit."""
-        self.transport.write(b"".join(line + b"\r\n" for line in r.lines()))
+        self.transport.write(r.wire)
         if r.is_error and r.code != 421:
             self.errors += 1
             if self.errors >= self.limits.max_errors:
                 log.info("too many errors after {state} from [{ip}]",
                          state=self._state_name(), ip=self.client_ip)
-                self.transport.write(b"".join(x + b"\r\n" for x in reply.TOO_MANY_ERRORS.lines()))
+                self.transport.write(reply.TOO_MANY_ERRORS.wire)
                 self.close()
 
     # -- commands ---------------------------------------------------------
