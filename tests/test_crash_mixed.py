@@ -55,15 +55,10 @@ _DIRS = {INBOX: "", ARCHIVE: ".Archive"}
 _MESSAGE_ID = re.compile(rb"^Message-ID: <(?P<token>[^@>]+)@crash\.test>\r?$", re.MULTILINE)
 _FETCH = re.compile(rb"\* \d+ FETCH \((.*?)\)\r\n", re.DOTALL)
 _UID = re.compile(rb"\bUID (\d+)")
-_FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]")
 _COPYUID = re.compile(rb"\[COPYUID (\d+) (\d+) (\d+)\]")
 GONE = None
-
-
-class ServerGone(Exception):
-    """The connection ended: the daemon was killed (expected)."""
 
 
 class Book:
@@ -126,10 +121,6 @@ class Book:
             self.flagged.add(token)
             self.acks["flag"] += 1
 
-    def count(self, kind: str) -> int:
-        with self.lock:
-            return self.acks[kind]
-
     def snapshot(self) -> dict:
         with self.lock:
             return dict(self.acks, smtp=len(self.smtp.acked))
@@ -148,7 +139,7 @@ class Client(threading.Thread):
     def run(self) -> None:
         try:
             self.session()
-        except (ServerGone, OSError, EOFError):
+        except (OSError, EOFError):
             pass  # the daemon was killed under us
         except poplib.error_proto as e:
             if "EOF" not in str(e.args[0]) and not self.stop_event.is_set():
