@@ -1450,3 +1450,52 @@ class MaildropCacheTests(unittest.TestCase):
         self.assertEqual(drop.messages[0].size, 5)
         self.assertEqual(drop.wire_message(0, CHUNK), crlf(data))
         self.assertIsNone(drop.wire_message(0, len(data) - 1))
+
+
+class ReadAheadTests(unittest.TestCase):
+    """A client that waits for each answer gets the next one prepared meanwhile."""
+
+    def setUp(self):
+        root = Path(self.mktemp())
+        root.mkdir()
+        folder = Folder(root, ("Maildir",))
+        folder.scan()  # creates the Maildir
+        self.new = root / "Maildir" / "new"
+        self.datas = [message(n) for n in range(3)]
+        self.names = [f"{1_700_000_000 + i}.M{i}P1.host" for i in range(3)]
+        for name, data in zip(self.names, self.datas):
+            (self.new / name).write_bytes(data)
+        factory = POP3Factory(Config(), None, LoginGuard(FailureLimiter(10, 60, Clock()),
+                                                         FailureLimiter(10, 60, Clock())), Clock())
+        self.session = factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.session.makeConnection(self.transport)
+        drop = Maildrop.open(ALICE, folder, MaildropCache())
+        self.session.mbox, self.session._onLogout = drop, drop.logout
+        self.addCleanup(self.session.connectionLost, None)
+
+    def command(self, line: bytes) -> bytes:
+        self.transport.clear()
+        self.session.dataReceived(line + b"\r\n")
+        return self.transport.value()
+
+    def answer(self, i: int) -> bytes:
+        data = self.datas[i]
+        return b"+OK %d octets\r\n" % len(crlf(data)) + encode(data) + b".\r\n"
+
+    def test_answers_in_any_order(self):
+        self.assertEqual(self.command(b"RETR 1"), self.answer(0))
+        self.assertEqual(self.command(b"RETR 3"), self.answer(2))
+        self.assertEqual(self.command(b"RETR 2"), self.answer(1))
+        self.assertEqual(self.command(b"RETR 3"), self.answer(2))
+
+    def test_only_retrieved_messages_are_seen(self):
+        self.command(b"RETR 1")
+        self.assertEqual(sorted(os.listdir(self.new)), self.names[1:])
+
+    def test_deleted_message_is_not_sent(self):
+        self.command(b"RETR 1")
+        self.assertEqual(self.command(b"DELE 2"), b"+OK Marked to be deleted\r\n")
+        self.assertTrue(self.command(b"RETR 2").startswith(b"-ERR"))
+        self.command(b"RSET")
+        self.assertEqual(self.command(b"RETR 2"), self.answer(1))

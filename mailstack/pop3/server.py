@@ -16,9 +16,10 @@ cred login flow, with these parts replaced, each for a reason:
   (ISO-2), deleted messages are not listed or counted (RFC 1939 5). RETR
   sends a message of up to ``wire.CHUNK`` octets in one write with its
   status line and terminator (one read, a few C-level passes, see
-  ``Maildrop.wire_message``); larger ones and TOP stream the file through
-  ``wire.WireEncoder`` (the stock chunk transformer misses a leading dot at
-  a chunk boundary).
+  ``Maildrop.wire_message``), at once rather than on the reactor's next
+  turn, and prepares the next message's answer while the client reads;
+  larger messages and TOP stream the file through ``wire.WireEncoder``
+  (the stock chunk transformer misses a leading dot at a chunk boundary).
 * Output flow control: the session is the transport's push producer. While
   the transport's send buffer is full, no file is read and no command is
   taken, so a client that pipelines RETRs without reading its answers
@@ -97,6 +98,8 @@ class POP3Session(pop3.POP3):
         self._reading_paused = False
         self._output_paused = False
         self._transfer: _Transfer | None = None
+        #: (index, answer) of the message RETR is expected to ask for next.
+        self._ahead: tuple[int, bytes] | None = None
         self._stats = {"retr": 0, "retr_bytes": 0, "top": 0, "dele": 0}
         refusal = self.factory.admit(self)
         if refusal is not None:
@@ -370,26 +373,55 @@ class POP3Session(pop3.POP3):
         n = self._index(arg)
         if n is None:
             return
-        # The size LIST gave, as RFC 1939 7's example shows.
-        head = b"+OK %d octets\r\n" % self.mbox.sizes[n]
+        ahead, self._ahead = self._ahead, None
         try:
-            wire = self.mbox.wire_message(n, CHUNK)
+            answer = ahead[1] if ahead is not None and ahead[0] == n else self._whole_answer(n)
         except OSError:
             self.failResponse(b"[SYS/TEMP] Message no longer available")
             return
-        if wire is not None:
-            # The usual message: read whole and sent in one write, with no
-            # transfer to keep.
-            self.transport.write(head + wire + b".\r\n")
+        if answer is not None:
+            self.transport.write(answer)
             if not self.splitter.pending():
                 self._send_now()
+                self._read_ahead(n + 1)
             self._retrieved(n)
             return
         # Unbuffered: a large message is read in large chunks.
         f = self._open(n, 0)
         if f is not None:
             self._transfer = _Transfer(n, f, message_chunks(f), retr=True)
-            self._pump(head)
+            self._pump(self._retr_status(n))
+
+    def _retr_status(self, n: int) -> bytes:
+        # The size LIST gave, as RFC 1939 7's example shows.
+        return b"+OK %d octets\r\n" % self.mbox.sizes[n]
+
+    def _whole_answer(self, n: int) -> bytes | None:
+        """RETR's answer for a message of up to CHUNK octets on disk, else None.
+
+        The usual message is read whole and sent in one write with its
+        status line and terminator, with no transfer to keep.
+        """
+        wire = self.mbox.wire_message(n, CHUNK)
+        return None if wire is None else self._retr_status(n) + wire + b".\r\n"
+
+    def _read_ahead(self, n: int) -> None:
+        """Prepare RETR's answer for message ``n`` while the client takes in the last one.
+
+        Clients fetch in order, so the next RETR finds its answer ready and
+        reading it is off the client's path. One answer of at most about
+        CHUNK octets is held; a read error is left to the RETR that needs it.
+        The message is flagged seen only when RETR sends it; if another
+        session removes it in between, it is still sent, as a message of the
+        login's snapshot that was read.
+        """
+        if n < len(self.mbox.messages) and n not in self.mbox.deleted:
+            try:
+                answer = self._whole_answer(n)
+            except OSError:
+                return
+            if answer is not None:
+                self._ahead = (n, answer)
 
     def do_TOP(self, arg: bytes, lines: bytes) -> None:
         if not _COUNT.match(lines):
