@@ -41,10 +41,10 @@ from twisted.trial import unittest
 
 from tests.imap_support import IMAPTestCase, deliver
 from tests.support.dnsserver import DNSFixture
-from tests.support.fuzz import (ANSWER, BRIEF, ENDINGS, IMAP_TLS_GO, NESTED, NOISE, NUMBERS, ODD_BYTES,
-                                POP3_TLS_GO, SASL, SMTP_TLS_GO, Conversation, FuzzDaemon, Step,
-                                assert_released, b64, imap_replies, long_line, mutated,
-                                pop3_replies, smtp_replies)
+from tests.support.fuzz import (ANSWER, BRIEF, ENDINGS, IMAP_TLS_GO, NESTED, NOISE, NUMBERS,
+                                ODD_BYTES, POP3_TLS_GO, SASL, SMTP_TLS_GO, Conversation,
+                                FuzzDaemon, Step, assert_released, b64, imap_replies, long_line,
+                                mutated, pop3_replies, smtp_replies)
 from tests.support.instance import PASSWORD, in_thread
 from tests.test_pop3 import write_users
 
