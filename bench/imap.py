@@ -93,7 +93,10 @@ def main() -> None:
     port, tls_port = free_port(), free_port()
     daemon = DaemonProcess(work, listen=(("smtp", free_port()), ("imap", port),
                                          ("imaps", tls_port)),
-                           sections={"auth": {"allow_plaintext_loopback": True}})
+                           sections={"auth": {"allow_plaintext_loopback": True},
+                                     # The idle rounds log one user in --idle times (the previous round may still be closing).
+                                     "imap": {"max_sessions_per_user": 2 * args.idle + 40,
+                                              "max_connections_per_ip": 2 * args.idle + 40}})
     daemon.port = port
     maildir = daemon.config.server.mail_root / "example.test" / "demo" / "Maildir"
     print(f"filling {args.small} + {args.big} messages under {work} ...", flush=True)

@@ -152,9 +152,11 @@ def replace_at(dir_fd: int, name: str, data: bytes) -> None:
     """Atomically and durably replace ``name`` in ``dir_fd`` (DESIGN invariant 1).
 
     The temporary name has no leading dot, so it is never taken for a
-    Maildir++ folder.
+    Maildir++ folder. Callers hold the folder's lock (``locked``), so one
+    fixed temporary name serves every process, and one a crash leaves behind
+    is overwritten by the next write instead of staying forever.
     """
-    tmp = f"{name}.{os.getpid()}.tmp"
+    tmp = f"{name}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600, dir_fd=dir_fd)
     try:
