@@ -10,10 +10,14 @@ with CRLF). ``case.json`` keys, all optional but ``expect``:
 * ``zone``: DNS records for the fixture (tests/support/dnsserver.py format),
   ``hang`` and ``servfail``: names the fixture never answers / fails;
 * ``keys``: ``{"name": {"domain", "selector", "algorithm": "rsa"|"ed25519",
-  "bits", "publish": "yes"|"revoked"|"no"}}``: generated for the test, their
-  TXT records added to the zone;
+  "bits", "publish": "yes"|"revoked"|"no", "key_tags": "t=y"}}``: generated
+  for the test, their TXT records (with ``key_tags`` after ``v=DKIM1``) added
+  to the zone;
 * ``sign``: key names to sign the message with, in order (each signature is
-  added on top); ``sign_options``: extra dkim.sign arguments (``length``);
+  added on top); ``sign_options``: extra dkim.sign arguments (``length``,
+  ``signature_algorithm``, ``canonicalize``, ``include_headers``) and
+  ``tags``, signature tags to set or add (``{"x": "1000003600"}``), signed
+  as they are;
 * ``arc``: key names to ARC-seal with, in order (one set each);
 * ``after_signing``: ``{"append_body": text, "prepend_headers": text,
   "replace": [old, new]}``: changes made after signing;
@@ -99,10 +103,12 @@ class Key:
     def record_name(self) -> str:
         return f"{self.selector}._domainkey.{self.domain}"
 
-    def zone(self, publish: str = "yes") -> dict:
+    def zone(self, publish: str = "yes", key_tags: str = "") -> dict:
         if publish == "no":
             return {}
         txt = self.txt if publish == "yes" else f"v=DKIM1; k={self.algorithm}; p="
+        if key_tags:
+            txt = txt.replace("v=DKIM1; ", f"v=DKIM1; {key_tags}; ", 1)
         return {self.record_name: {"TXT": [split_txt(txt)]}}
 
 
@@ -130,14 +136,37 @@ def make_key(domain: str, selector: str, algorithm: str = "rsa", bits: int = 204
                f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode()}")
 
 
-def sign(message: bytes, key: Key, **options) -> bytes:
+class _Tagged(dkim.DKIM):
+    """A signer that sets signature tags dkimpy has no argument for (x=, a
+    foreign i=), before the signature is computed over them."""
+
+    def __init__(self, message: bytes, tags: dict[bytes, bytes]):
+        super().__init__(message)
+        self.tags = tags
+
+    def gen_header(self, fields, *args, **kwargs):
+        fields = [(k, self.tags.get(k, v)) for k, v in fields]
+        known = {k for k, _ in fields}
+        at = next(i for i, (k, _) in enumerate(fields) if k == b"bh")
+        fields[at:at] = [(k, v) for k, v in self.tags.items() if k not in known]
+        return super().gen_header(fields, *args, **kwargs)
+
+
+def sign(message: bytes, key: Key, tags: dict | None = None, **options) -> bytes:
     """``message`` (CRLF) with one more DKIM-Signature on top."""
     algorithm = b"ed25519-sha256" if key.algorithm == "ed25519" else b"rsa-sha256"
-    options.setdefault("canonicalize", (b"relaxed", b"relaxed"))
-    options.setdefault("include_headers", [b"from", b"to", b"subject", b"date"])
-    header = dkim.sign(message, key.selector.encode(), key.domain.encode(), key.private,
-                       signature_algorithm=algorithm, **options)
+    options["signature_algorithm"] = _bytes(options.get("signature_algorithm", algorithm))
+    options["canonicalize"] = tuple(_bytes(c) for c in options.get(
+        "canonicalize", (b"relaxed", b"relaxed")))
+    options["include_headers"] = [_bytes(h) for h in options.get(
+        "include_headers", [b"from", b"to", b"subject", b"date"])]
+    signer = _Tagged(message, {_bytes(k): _bytes(v) for k, v in (tags or {}).items()})
+    header = signer.sign(key.selector.encode(), key.domain.encode(), key.private, **options)
     return header + message
+
+
+def _bytes(value) -> bytes:
+    return value.encode() if isinstance(value, str) else value
 
 
 def arc_seal(message: bytes, key: Key, authserv_id: str) -> bytes:
@@ -195,7 +224,7 @@ class Vector:
     def zone(self) -> dict:
         zone = dict(self.case.get("zone", {}))
         for name, spec in self.case.get("keys", {}).items():
-            zone.update(self.keys[name].zone(spec.get("publish", "yes")))
+            zone.update(self.keys[name].zone(spec.get("publish", "yes"), spec.get("key_tags", "")))
         return zone
 
 
@@ -250,10 +279,8 @@ def start_dns(fixture) -> int:
     is taken (DNSFixture.start leaks its UDP port then; tests run in parallel
     on shared machines, so it happens)."""
     from twisted.internet.error import CannotListenError
-    from twisted.names import dns as names_dns
     for _ in range(50):
-        udp = reactor.listenUDP(0, names_dns.DNSDatagramProtocol(fixture.factory),
-                                interface="127.0.0.1")
+        udp = reactor.listenUDP(0, fixture.datagram_protocol(), interface="127.0.0.1")
         port = udp.getHost().port
         try:
             tcp = reactor.listenTCP(port, fixture.factory, interface="127.0.0.1")

@@ -28,6 +28,8 @@ class SinkState:
     replies: dict[str, list[bytes]] = field(default_factory=dict)
     messages: list[Received] = field(default_factory=list)
     commands: list[bytes] = field(default_factory=list)
+    #: Every byte received, on all connections, exactly as it came.
+    raw: bytearray = field(default_factory=bytearray)
     connections: int = 0
     ehlo: bytes = b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100000000"
 
@@ -45,6 +47,10 @@ class SinkProtocol(LineOnlyReceiver):
         self.state.connections += 1
         self.mail, self.rcpts, self.data, self.in_data = None, [], [], False
         self.transport.write(self.state.reply("GREETING", b"220 sink ESMTP") + b"\r\n")
+
+    def dataReceived(self, data):
+        self.state.raw += data
+        super().dataReceived(data)
 
     def lineReceived(self, line):
         if self.in_data:
