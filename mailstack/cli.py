@@ -154,6 +154,12 @@ def cmd_init(config: Config, args) -> None:
     server = config.server
     MailRoot(server.mail_root).ensure()
     Spool(server.spool_dir).ensure()
+    for path in (server.mail_root, server.spool_dir):
+        # A directory made before, by hand or by a checkout, may be open to all.
+        mode = os.stat(path).st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(path, 0o700)
+            print(f"Made {path} private (mode 0700, was {mode:04o})")
     tls = config.tls
     if tls.certificate is not None and not tls.certificate.exists():
         from mailstack.tls import make_self_signed

@@ -445,6 +445,9 @@ class ModeTests(unittest.TestCase):
         root = Path(self.mktemp()).resolve()
         config = write_instance(root, users=(), tls=False,
                                 server={"mail_root": "data/mail", "spool_dir": "data/spool"})
+        # A mail root that exists already, as in a checkout (maildirs/.gitkeep).
+        (root / "data" / "mail").mkdir(mode=0o755, parents=True)
+        os.chmod(root / "data" / "mail", 0o755)
         with open(config, "a") as f:
             f.write('[tls]\ncertificate = "tls/cert.pem"\nprivate_key = "tls/key.pem"\n')
         done = subprocess.run([sys.executable, "-m", "mailstack.cli", "init", "--user",
