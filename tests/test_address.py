@@ -109,7 +109,7 @@ class PathTests(unittest.SynchronousTestCase):
                          Mailbox("bob", "xn--bcher-kva.example"))
 
     def test_length_limits(self):
-        # RFC 5321 4.5.3.1.1-3: local part 64, domain 255, path 256 with the brackets.
+        # LIM-3 (RFC 5321 4.5.3.1.1-3): local part 64, domain 255, path 256 with brackets.
         self.assertEqual(parse(b"<" + b"a" * 64 + b"@example.test>")[0].local, "a" * 64)
         self.assertSyntax(b"<" + b"a" * 65 + b"@example.test>", "local part longer than 64")
         self.assertSyntax(b'<"' + b"a b" * 21 + b'"@example.test>', "local part longer than 64")

@@ -381,7 +381,7 @@ class ResolveTests(TempFiles, unittest.SynchronousTestCase):
 
 
 class LocalDomainTests(unittest.SynchronousTestCase):
-    """RELAY-10/11: exact, case-insensitive, trailing-dot-stripped, IDNA-consistent."""
+    """RELAY-10, RELAY-11: exact, case-insensitive, trailing-dot-stripped, IDNA-consistent."""
 
     def setUp(self):
         self.directory = Directory(("example.test", "xn--bcher-kva.example"), None, None)

@@ -130,7 +130,7 @@ class LiteralTests(IMAPTestCase):
 class MailboxNameTests(IMAPTestCase):
     @defer.inlineCallbacks
     def test_traversal_and_bad_names_refused(self):
-        """MBX-1..4, 6, 7: NO for each, and nothing created outside the Maildir."""
+        """MBX-1, MBX-2, MBX-3, MBX-4, MBX-6, MBX-7: NO for each, nothing created outside."""
         bad = [b'"../bob"', b'"../../etc"', b'".."', b'"."', b'"a/../../b"', b'"/abs"',
                b'"a//b"', b'"a/"', b"&AC4ALg-", b"&AC8-", b"&AAA-", b'"&Jjo!"', b'"a&b"',
                b'"x' + b"y" * 300 + b'"', b'"tab\tname"', b"{5+}\r\na\x01b c"]
@@ -140,8 +140,7 @@ class MailboxNameTests(IMAPTestCase):
             for name in bad:
                 for verb in (b"CREATE", b"SELECT", b"DELETE", b"SUBSCRIBE"):
                     lines = r.cmd(b"t " + verb + b" " + name)
-                    assert lines[-1].startswith(b"t NO") or lines[-1].startswith(b"t BAD"), \
-                        (verb, name, lines)
+                    assert lines[-1].startswith(b"t NO"), (verb, name, lines)
             for line in (b'RENAME INBOX "../bob/x"', b"DELETE INBOX", b'COPY 1 "../bob/INBOX"',
                          b'STATUS "../bob/INBOX" (MESSAGES)', b'SELECT "~bob/INBOX"',
                          b'SELECT "#shared/bob"'):

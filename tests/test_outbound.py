@@ -284,6 +284,7 @@ class WireFormatTests(unittest.TestCase):
                          b"..start\r\nline\r\n..\r\n...two\r\n.\r\n")
 
     def test_bare_cr_and_lf_never_reach_the_next_hop(self):
+        """SMUG-10: CRLF only, and no end of data before the last."""
         wire = to_wire(b"a\rb\nc\r\n.\rd")
         self.assertNotIn(b"\r\r", wire)
         self.assertEqual(wire.count(b"\r"), wire.count(b"\n"))

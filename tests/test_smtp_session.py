@@ -609,9 +609,11 @@ class SmugglingTests(unittest.TestCase):
         return self.smuggle(b"\r\n.\n")
 
     def test_cr_dot_cr(self):
+        """SMUG-4: a bare CR is never a line end, so ``\\r.\\r`` ends nothing."""
         return self.smuggle(b"\r.\r")
 
     def test_crlf_dot_cr(self):
+        """SMUG-4: ``\\r\\n.\\r`` is no end of data either."""
         return self.smuggle(b"\r\n.\r")
 
     def test_cr_crlf_dot_cr_crlf(self):

@@ -200,6 +200,7 @@ class RefusalTests(SubmissionTestCase):
 
     @defer.inlineCallbacks
     def test_no_auth_before_tls_on_587(self):
+        """AUTH-1: no AUTH in the plaintext EHLO, 538 5.7.11 for AUTH; AUTH-12: 530 5.7.0."""
         self.start()
         replies = yield in_thread(self.raw, [b"AUTH PLAIN AGRlbW9AZXhhbXBsZS50ZXN0AHg=",
                                              b"MAIL FROM:<demo@example.test>"], implicit=False)
@@ -210,7 +211,7 @@ class RefusalTests(SubmissionTestCase):
 
     @defer.inlineCallbacks
     def test_relay_tricks_without_auth_never_get_a_recipient(self):
-        """SECURITY-TESTS section 4 on 587 (after STARTTLS) and 465, without AUTH."""
+        """SECURITY-TESTS section 4 on 587 (after STARTTLS) and 465, without AUTH (AUTH-12)."""
         self.start()
         tricks = [b"<v@evil.test>", b"<v%evil.test@example.test>", b"<v%evil.test>",
                   b'<"v@evil.test"@example.test>', b'<"v@evil.test">',
@@ -250,6 +251,7 @@ class RefusalTests(SubmissionTestCase):
 
     @defer.inlineCallbacks
     def test_wrong_password_gets_535_after_a_growing_delay_then_421(self):
+        """AUTH-4: 535 5.7.8 for each wrong AUTH PLAIN, then 421 4.7.0 and close."""
         self.start(auth={"failure_delay": 0.3})
         bad = base64.b64encode(b"\0demo@example.test\0wrong").decode()
         started = time.monotonic()
@@ -319,6 +321,7 @@ class RefusalTests(SubmissionTestCase):
 
     @defer.inlineCallbacks
     def test_sender_and_from_must_belong_to_the_user(self):
+        """AUTH-13: demo may not send as alice, in MAIL FROM or in From."""
         self.start()
 
         def send(envelope_from, header_from):
