@@ -167,6 +167,8 @@ class IMAPServer(SelectedCommands, imap4.IMAP4Server):
                     self.sendLine(tag + b" " + item.response)
                     if item.close:
                         self.transport.loseConnection()
+                    elif item.response.startswith(b"BAD"):
+                        self._count_error()
                     continue
                 self._run(item)
         finally:
@@ -247,14 +249,18 @@ class IMAPServer(SelectedCommands, imap4.IMAP4Server):
                 log.failure("mailbox sync failed")
         imap4.IMAP4Server._respond(self, state, tag, message)
         if final and state == b"BAD":
-            self._errors += 1
-            if self._errors > self.factory.config.imap.max_errors:
-                self.sendLine(b"* BYE Too many errors")
-                self.transport.loseConnection()
+            self._count_error()
         if final and self._current is not None and tag == self._current.tag:
             self._current = None
             if not self._processing:
                 self._process()
+
+    def _count_error(self) -> None:
+        """A BAD answer; past [imap] max_errors the connection is closed."""
+        self._errors += 1
+        if self._errors > self.factory.config.imap.max_errors:
+            self.sendLine(b"* BYE Too many errors")
+            self.transport.loseConnection()
 
     # -- argument parsers (Twisted's arg_* protocol: line -> (value, rest)) --------------
     def _parse(self, line, fn):
