@@ -881,6 +881,26 @@ class IMAPFoundTests(IMAPTestCase):
         yield self.blocking(check)
 
 
+
+class IMAPErrorBudgetTests(IMAPTestCase):
+    sections = {"imap": {"max_errors": 3}}
+
+    @defer.inlineCallbacks
+    def test_commands_refused_while_read_count_as_errors(self):
+        """Invalid tags and over-long lines were answered BAD without counting
+        toward [imap] max_errors, so junk of that kind never ended a session."""
+        def check():
+            r = self.raw()
+            r.send(b"\x00 NOOP\r\n+ NOOP\r\na " + b"x" * 70_000 + b"\r\n* NOOP\r\nb NOOP\r\n")
+            lines = [r.line() for _ in range(5)]
+            self.assertEqual(lines, [b"* BAD Invalid tag\r\n", b"* BAD Invalid tag\r\n",
+                                     b"a BAD Line too long\r\n", b"* BAD Invalid tag\r\n",
+                                     b"* BYE Too many errors\r\n"])
+            self.assertEqual(r.line(), b"")
+
+        yield self.blocking(check)
+
+
 class POP3TLSCloseTests(_FuzzTest):
     """POP3 inside TLS (POP3S, or after STLS): QUIT and the idle timeout must
     close the connection. The session is the transport's producer for its
