@@ -1423,6 +1423,20 @@ class MaildropCacheTests(unittest.TestCase):
         os.utime(self.top / "new")
         self.assertEqual(len(self.bases()), 3)
 
+    def test_listing_not_kept_for_a_directory_restored_in_its_place(self):
+        self.add(1, message(1))
+        old = time.time_ns() - 10 * 10**9
+        self.age(old)
+        self.assertEqual(len(self.bases()), 1)
+        restored = self.top / "restored"
+        restored.mkdir()
+        for n in (1, 2):
+            (restored / f"{1_700_000_000 + n}.M{n}P1.host").write_bytes(message(n))
+        (self.top / "new").rename(self.top / "old-new")
+        restored.rename(self.top / "new")
+        self.age(old)
+        self.assertEqual(len(self.bases()), 2)
+
     def test_listing_not_kept_within_a_second_of_a_change(self):
         """Two changes in one tick of the mtime clock leave the same mtime."""
         self.add(1, message(1))

@@ -121,20 +121,23 @@ class Folder(Maildir):
             return nullcontext(self._held[sub])
         return _OpenedDir(self, sub, create)
 
-    def listing_stamp(self) -> tuple[int, int] | None:
-        """The mtimes of ``new/`` and ``cur/``, or None if one changed in the last second.
+    def listing_stamp(self) -> tuple | None:
+        """Inodes and mtimes of ``new/`` and ``cur/``, or None if one changed in the last second.
 
         Creating, renaming or removing a message sets its directory's mtime,
         so a ``scan`` made after a stamp still holds while the stamp is the
-        same; POP3 keeps a listing for the next login that way. Only a
-        settled stamp can say so: mtimes tick every few milliseconds, and a
-        second change in the same tick would leave the mtime as it was
-        (``FolderIndex`` waits the same second, as Dovecot does).
+        same (the inodes tell a directory restored in its place); POP3 keeps
+        a listing for the next login that way. Only a settled stamp can say
+        so: mtimes tick every few milliseconds, and a second change in the
+        same tick would leave the mtime as it was (``FolderIndex`` waits the
+        same second, as Dovecot does).
         """
         with self._dir("new", create=True) as new, self._dir("cur", create=True) as cur:
-            stamp = (os.fstat(new).st_mtime_ns, os.fstat(cur).st_mtime_ns)
+            new_st, cur_st = os.fstat(new), os.fstat(cur)
         settled = time.time_ns() - _SETTLED_NS
-        return stamp if max(stamp) < settled else None
+        if max(new_st.st_mtime_ns, cur_st.st_mtime_ns) >= settled:
+            return None
+        return (new_st.st_ino, new_st.st_mtime_ns, cur_st.st_ino, cur_st.st_mtime_ns)
 
     def scan(self) -> list[StoredMessage]:
         """All messages in ``new/`` and ``cur/``, oldest first."""
