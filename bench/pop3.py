@@ -15,10 +15,12 @@ gets), then per run:
 Two users tell the POP3 work apart from the password check: ``bench`` has a
 cheap argon2id hash (t=1, 1 MiB; Dovecot's peer config uses {PLAIN}) and
 ``argon`` the production default (argon2-cffi: t=3, 64 MiB, p=4). The
-first run is a warm-up (sizes measured, Seen flags set) and is left out of
-the medians. Prints the daemon's peak RSS (VmHWM) before any login, after
-downloads with the cheap hash, and at the end (an argon2 check with the
-production parameters takes 64 MiB for a moment).
+first run is a warm-up (sizes measured, Seen flags set, each message's wire
+recipe learned) and is left out of the medians; later logins find the
+maildrop unchanged and reuse its listing, as Dovecot reuses its index.
+Prints the daemon's peak RSS (VmHWM) before any login, after downloads with
+the cheap hash, and at the end (an argon2 check with the production
+parameters takes 64 MiB for a moment).
 
     .venv/bin/python bench/pop3.py                          # 1000 x 10 KB, 6 runs
     .venv/bin/python bench/pop3.py --peer dovecot=127.0.0.1:10110:user3:pass:PID
