@@ -2,7 +2,9 @@
 
 Handlers return or raise ``Reply``; ``Session.reply`` is the only place that
 writes one. Reply text never carries raw client bytes with CR or LF
-(SECURITY-TESTS HDR-4): ``Reply.lines`` strips control characters.
+(SECURITY-TESTS HDR-4): ``Reply.lines`` strips control characters, and
+anything else outside 7-bit text (RFC 5321 4.2 textstring; SMTPUTF8 is not
+offered).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NOT_TEXT = re.compile(r"[^\x20-\x7e]")
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class Reply(Exception):
             prefix = f"{self.code}{sep}"
             if self.enhanced:
                 prefix += self.enhanced + " "
-            out.append((prefix + _CONTROL.sub("?", part)).encode("utf-8", "replace"))
+            out.append((prefix + _NOT_TEXT.sub("?", part)).encode("ascii"))
         return out
 
     @functools.cached_property
