@@ -45,7 +45,7 @@ from tests.support.fuzz import (ANSWER, BRIEF, ENDINGS, IMAP_TLS_GO, NESTED, NOI
                                 ODD_BYTES, POP3_TLS_GO, SASL, SMTP_TLS_GO, Conversation,
                                 FuzzDaemon, Step, assert_released, b64, imap_replies, long_line,
                                 mutated, pop3_replies, smtp_replies)
-from tests.support.instance import PASSWORD, in_thread
+from tests.support.instance import PASSWORD, Instance, in_thread
 from tests.test_pop3 import write_users
 
 DEMO = "demo@example.test"
@@ -173,6 +173,7 @@ SMTP_COMMANDS = st.sampled_from([
     b"MAIL FROM:<sender@remote.test> SIZE=99999999999999999999", b"MAIL FROM:sender@remote.test",
     b"MAIL FROM:<sender@remote.test> SMTPUTF8", b"MAIL FROM:<x@[127.0.0.1]>", b"MAIL TO:<x>",
     b"MAIL FROM:<alice@example.test>", b"MAIL FROM:<@a,@b:s@remote.test>",
+    b"MAIL FROM:<sender@remote.test> \xff=1", b"MAIL FROM:<sender@remote.test> SIZE=\xc3\xa9",
     b"RCPT TO:<alice@example.test>", b"RCPT TO:<postmaster>", b"RCPT TO:<nobody@example.test>",
     b"RCPT TO:<x@evil.test>", b"RCPT TO:<alice@example.test> NOTIFY=NEVER",
     b"RCPT TO:<@a,@b:alice@example.test>", b"RCPT TO:<alice%evil.test@example.test>",
@@ -196,7 +197,9 @@ BODY = st.builds(lambda head, lines: head + lines, st.sampled_from([
     b"From: <sender@remote.test>\r\nTo: <alice@example.test>\r\nSubject: fuzz\r\n\r\n",
     b"From: <alice@example.test>\r\nSubject: fuzz\r\nDate: Mon, 1 Jan 2024 10:00:00 +0000"
     b"\r\nMessage-ID: <fuzz@remote.test>\r\n\r\n",
-    b"From: <a@evil.test>\r\n\r\n", b""]), lines_of(BODY_LINES, ENDINGS, 12))
+    b"From: <a@evil.test>\r\n\r\n", b"From: \xff@example.test\r\n\r\n",
+    b"From: <alice@example.test>\r\nFrom: <alice@example.test>\r\n\r\n", b""]),
+    lines_of(BODY_LINES, ENDINGS, 12))
 
 
 def smtp_junk(commands) -> st.SearchStrategy[Step]:
@@ -899,6 +902,34 @@ class IMAPErrorBudgetTests(IMAPTestCase):
             self.assertEqual(r.line(), b"")
 
         yield self.blocking(check)
+
+
+
+class SMTPFoundTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_reply_text_is_seven_bit(self):
+        """"MAIL FROM:<s@remote.test> \\xff=1" was answered with the
+        parameter decoded as U+FFFD, in UTF-8: RFC 5321 4.2 reply text is
+        7-bit, and SMTPUTF8 is not offered."""
+        instance = Instance(self.mktemp(), listen=(("smtp", 0),))
+        instance.start()
+        self.addCleanup(instance.stop)
+
+        def check():
+            c = Conversation(instance.smtp_port, source="127.0.0.1")
+            try:
+                c.read_line()
+                c.play([Step(b"EHLO x\r\n", ANSWER),
+                        Step(b"MAIL FROM:<s@remote.test> \xff=1\r\n", ANSWER),
+                        Step(b"MAIL FROM:<s@remote.test> SIZE=\xc3\xa9\r\n", ANSWER)])
+                return smtp_replies(bytes(c.received))[-2:]
+            finally:
+                c.close()
+
+        replies = yield in_thread(check)
+        self.assertEqual(replies, [b"501 5.1.7 Bad sender address syntax: bad parameter '?=1'",
+                                   b"501 5.1.7 Bad sender address syntax: bad parameter "
+                                   b"'SIZE=??'"])
 
 
 class POP3TLSCloseTests(_FuzzTest):
