@@ -932,6 +932,34 @@ class SMTPFoundTests(unittest.TestCase):
                                    b"'SIZE=??'"])
 
 
+
+class POP3AuthLineTests(unittest.TestCase):
+    todo = "pop3.server.POP3Session._process answers the line without ending the AUTH exchange"
+
+    @defer.inlineCallbacks
+    def test_overlong_sasl_response_ends_the_exchange(self):
+        """An over-long line in answer to "AUTH PLAIN" gets "-ERR Line too
+        long", but the session stays in the exchange: the next command is
+        taken as the SASL response ("STAT" is valid base64)."""
+        instance = Instance(self.mktemp(), listen=(("pop3", 0),),
+                            sections={"auth": {"allow_plaintext_loopback": True}})
+        instance.start()
+        self.addCleanup(instance.stop)
+
+        def check():
+            c = Conversation(instance.port("pop3"), source="127.0.0.1")
+            try:
+                c.read_line()
+                c.send(b"AUTH PLAIN\r\n" + b"A" * 600 + b"\r\nSTAT\r\nQUIT\r\n")
+                return pop3_replies(c.finish())
+            finally:
+                c.close()
+
+        replies = yield in_thread(check)
+        self.assertEqual(replies[1:], [b"+ ", b"-ERR Line too long",
+                                       b"-ERR Command not valid in this state", b"+OK Bye"])
+
+
 class POP3TLSCloseTests(_FuzzTest):
     """POP3 inside TLS (POP3S, or after STLS): QUIT and the idle timeout must
     close the connection. The session is the transport's producer for its
