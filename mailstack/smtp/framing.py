@@ -117,7 +117,8 @@ class DataReader:
     """Consumes the lines of one DATA section and decides its outcome.
 
     ``write(line)`` receives each unstuffed line (without its end) as long as
-    no error has occurred; ``write_block(lines)``, if given, may receive runs
+    no error has occurred (an OSError from it, a full disk say, is such an
+    error: the rest is read and dropped, and answered after the final dot); ``write_block(lines)``, if given, may receive runs
     of such lines at once, each ending in LF (``MessageWriter.write_block``).
     After the final dot, ``error`` is the Reply to give (None: the message is
     good).
@@ -146,7 +147,10 @@ class DataReader:
         if self.size > self.max_size:
             self._fail(reply.MESSAGE_TOO_BIG)
         if self.error is None:
-            self._write(text)
+            try:
+                self._write(text)
+            except OSError as e:
+                self._fail(reply.storage_error(e))
         return False
 
     def _fail(self, error: Reply) -> None:
@@ -198,9 +202,13 @@ class DataReader:
             return False
         self.size += len(text)
         splitter._pos = stop
-        if self._write_block is not None:
-            self._write_block(text.replace(b"\r\n", b"\n"))
-        else:
-            for line in text.split(b"\r\n")[:-1]:
-                self._write(line)
+        try:
+            if self._write_block is not None:
+                self._write_block(text.replace(b"\r\n", b"\n"))
+            else:
+                for line in text.split(b"\r\n")[:-1]:
+                    self._write(line)
+        except OSError as e:
+            # The rest of the message is read and dropped; the reply comes after the dot.
+            self._fail(reply.storage_error(e))
         return True

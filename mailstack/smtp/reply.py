@@ -9,6 +9,7 @@ offered).
 
 from __future__ import annotations
 
+import errno
 import functools
 import re
 from dataclasses import dataclass
@@ -76,6 +77,13 @@ BARE_NEWLINE_DATA = Reply(550, "5.5.2", "Error: bare CR or LF in message; use CR
                                         "endings (RFC 5321 2.3.8)")
 SYNC_ERROR = Reply(554, "5.5.0", "Error: SMTP protocol synchronization (data sent before 354)")
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing, try again later")
+NO_STORAGE = Reply(452, "4.3.1", "Error: insufficient system storage, try again later")
+
+
+def storage_error(error: OSError) -> Reply:
+    """The reply for a failed spool write: 452 4.3.1 when the disk or the
+    quota is full (RFC 3463 X.3.1), else 451 4.3.0 (SECURITY-TESTS MD-6)."""
+    return NO_STORAGE if error.errno in (errno.ENOSPC, errno.EDQUOT) else LOCAL_ERROR
 TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors")
 HTTP_COMMAND = Reply(500, "5.5.1", "Error: this is an SMTP server, not an HTTP server")

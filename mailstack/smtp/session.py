@@ -582,7 +582,7 @@ class Session(Protocol, TimeoutMixin):
         except OSError as e:
             log.error("{id}: cannot open spool file: {err}", id=t.queue_id, err=e)
             self._abort_transaction()
-            return reply.LOCAL_ERROR
+            return reply.storage_error(e)
         t.reader = DataReader(self.limits.max_message_size, t.writer.write_line,
                               t.writer.write_block)
         self.splitter.set_limit(self.limits.max_text_line)
@@ -763,14 +763,20 @@ class Session(Protocol, TimeoutMixin):
 
     def _commit_failed(self, failure: Failure, t: Transaction,
                        writer: MessageWriter | None) -> None:
-        log.failure("{id}: cannot commit to the spool", failure, id=t.queue_id)
+        if failure.check(OSError):
+            log.error("{id}: cannot commit to the spool: {err}", id=t.queue_id,
+                      err=failure.value)
+        else:
+            log.failure("{id}: cannot commit to the spool", failure, id=t.queue_id)
         if writer is not None:
             writer.abort()
         if t.body is not None:
             t.body.close()
         self.transaction = None
         self._log_transaction(t, "deferred (spool write failed)")
-        self.reply(reply.LOCAL_ERROR)
+        error = failure.value
+        self.reply(reply.storage_error(error) if isinstance(error, OSError)
+                   else reply.LOCAL_ERROR)
 
     def _log_transaction(self, t: Transaction, result: str, size: int | None = None) -> None:
         self.factory.metrics.smtp_transaction(self.factory.role, result)
