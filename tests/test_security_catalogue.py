@@ -214,8 +214,9 @@ class SMTPCommandTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_message_pipelined_after_helo(self):
         """LIM-7: after HELO (no PIPELINING advertised) a whole transaction with
-        its text in one write: 554 5.5.0 at DATA, the connection is closed and
-        nothing is queued."""
+        its text in one write: MAIL and RCPT sent ahead of their replies get
+        503 5.5.0, DATA 554 5.5.0 and the connection is closed; nothing is
+        queued. The same commands one at a time are served."""
         instance = MXInstance(self)
 
         def dialogue():
@@ -227,10 +228,22 @@ class SMTPCommandTests(unittest.TestCase):
 
         replies, closed = yield in_thread(dialogue)
         self.assertEqual([r.status for r in replies],
-                         [(250, "2.1.0"), (250, "2.1.5"), (554, "5.5.0")])
+                         [(503, "5.5.0"), (503, "5.5.0"), (554, "5.5.0")])
         self.assertTrue(closed)
         yield wait_for(lambda: not instance.sessions)
         self.assertEqual(instance.committed, [])
+
+        def lockstep():
+            with RawClient(instance.port) as client:
+                self.assertEqual(client.command("HELO client.test").code, 250)
+                client.expect("MAIL FROM:<a@remote.test>", 250)
+                client.expect("RCPT TO:<demo@example.test>", 250)
+                client.expect("DATA", 354)
+                client.send(b"Subject: in step\r\n\r\nbody\r\n.\r\n")
+                return client.reply()
+
+        done = yield in_thread(lockstep)
+        self.assertEqual(done.code, 250)
 
     @defer.inlineCallbacks
     def test_idn_local_domain(self):

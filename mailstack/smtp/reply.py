@@ -76,6 +76,8 @@ TEXT_LINE_TOO_LONG = Reply(500, "5.5.2", "Error: message line longer than 1000 o
 BARE_NEWLINE_DATA = Reply(550, "5.5.2", "Error: bare CR or LF in message; use CRLF line "
                                         "endings (RFC 5321 2.3.8)")
 SYNC_ERROR = Reply(554, "5.5.0", "Error: SMTP protocol synchronization (data sent before 354)")
+UNAUTH_PIPELINING = Reply(503, "5.5.0", "Error: improper use of SMTP command pipelining "
+                                        "(PIPELINING is offered after EHLO, not HELO)")
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing, try again later")
 NO_STORAGE = Reply(452, "4.3.1", "Error: insufficient system storage, try again later")
 

@@ -62,6 +62,8 @@ _HELO_NAME = re.compile(rb"[A-Za-z0-9._:\-\[\]]{1,255}\Z")
 # control or 8-bit bytes is not an unknown command but bad syntax (LIM-10).
 _VERB = re.compile(rb"[\x21-\x7e]+\Z")
 _HTTP_VERBS = {b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS", b"DELETE"}
+#: Refused when sent ahead of their reply after HELO (DATA has its own, stricter check).
+_TRANSACTION_VERBS = {b"MAIL", b"RCPT"}
 
 
 @dataclass
@@ -266,6 +268,12 @@ class Session(Protocol, TimeoutMixin):
             self.reply(reply.UNKNOWN_COMMAND if _VERB.match(verb) else reply.SYNTAX)
             return
         self._count(name.lower())
+        if verb in _TRANSACTION_VERBS and not self.esmtp and self.splitter.pending():
+            # After HELO the client was not offered PIPELINING (RFC 2920), yet
+            # sent more before this command's reply: a bulk mailer's shortcut
+            # (Postfix reject_unauth_pipelining, SECURITY-TESTS LIM-7).
+            self.reply(reply.UNAUTH_PIPELINING)
+            return
         try:
             result = handler(arg.strip(b" "))
         except Reply as r:
@@ -549,17 +557,19 @@ class Session(Protocol, TimeoutMixin):
         t = self.transaction
         if arg:
             return Reply(501, "5.5.4", "Syntax: DATA")
-        if t is None:
-            return reply.NEED_MAIL
-        if not t.accepted:
-            return reply.NEED_RCPT
-        if self.splitter.pending():
-            # RFC 2920 3.1: the message may only follow the 354 (LIM-6).
+        if self.splitter.pending() and (not self.esmtp or (t is not None and t.accepted)):
+            # RFC 2920 3.1: the message may only follow the 354 (LIM-6); after
+            # HELO nothing may be sent ahead, or the text of a DATA that fails
+            # would run as commands (LIM-7).
             log.info("reject: DATA from [{ip}]: data sent before 354, helo=<{helo}>",
                      ip=self.client_ip, helo=self.helo)
             self.reply(reply.SYNC_ERROR)
             self.close()
             return None
+        if t is None:
+            return reply.NEED_MAIL
+        if not t.accepted:
+            return reply.NEED_RCPT
         t.queue_id = new_queue_id()
         if self.user is not None:
             # Held until the final dot: the From check and the DKIM
