@@ -345,6 +345,10 @@ class RefusalTests(SubmissionTestCase):
         code, _ = yield in_thread(send, "demo@example.test",
                                   b"demo@example.test, alice@example.test")
         self.assertEqual(code, 553)
+        # HDR-6: a second From field, even one demo owns twice, is refused.
+        code, text = yield in_thread(send, "demo@example.test",
+                                     b"demo@example.test\r\nFrom: demo@example.test")
+        self.assertEqual((code, text[:5]), (550, b"5.6.0"))
         self.assertEqual(self.instance.messages("alice@example.test"), [])
 
     @defer.inlineCallbacks

@@ -735,7 +735,8 @@ class Session(Protocol, TimeoutMixin):
         t.completer.finish()
         addresses = t.completer.from_addresses()
         if not addresses:
-            return Reply(550, "5.6.0", "Message needs a readable From header (RFC 5322 3.6)")
+            return Reply(550, "5.6.0", "Message needs exactly one readable From header "
+                                       "(RFC 5322 3.6)")
         for address in addresses:
             if not submission.may_send_as(self.factory.directory, self.user, address):
                 return Reply(553, "5.7.1", f"From address <{printable(address, 100)}> is not "

@@ -162,10 +162,14 @@ class HeaderCompleter:
             self.write(f"Message-ID: <{token}@{self.hostname}>".encode())
 
     def from_addresses(self) -> list[str] | None:
-        """Addresses of every From header, or None when the block cannot be read."""
+        """Addresses of the From header, or None when the block cannot be read
+        or has not exactly one From field (RFC 5322 3.6: a second one is how a
+        forged author hides behind a signed one, SECURITY-TESTS HDR-6)."""
         if self.too_big:
             return None
         parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
             b"\n".join(self.header) + b"\n\n")
         values = parsed.get_all("From") or []
+        if len(values) != 1:
+            return None
         return [addr for _, addr in email.utils.getaddresses([str(v) for v in values])]
