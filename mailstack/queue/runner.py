@@ -21,6 +21,7 @@ creating the file ``flush`` in the spool directory.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Callable
 
@@ -36,6 +37,9 @@ from mailstack.queue.spool import Envelope, Recipient, Spool
 from mailstack.queue.transfer import Item, Results, transfer
 
 log = Logger(namespace="mailstack.smtp")
+#: What no envelope address we send may hold: control characters, and the
+#: angle brackets that end a path (the SMTP parser accepts neither).
+_UNSENDABLE = re.compile(r"[\x00-\x1f\x7f<>]")
 
 #: (envelope, recipients, "failed" or "delayed", original headers) -> None
 Notify = Callable[[Envelope, list[Recipient], str, bytes], None]
@@ -115,9 +119,18 @@ class OutboundRunner:
                 # Local delivery is still retrying; come back after it.
                 self._due[qid] = self.clock.seconds() + self.config.queue.retry_delay
             by_domain: dict[str, list[Item]] = {}
+            results = Results()
             for env, message in loaded:
+                bad_sender = _UNSENDABLE.search(env.sender)
                 for index, rcpt in env.pending():
                     if rcpt.local:
+                        continue
+                    if bad_sender or _UNSENDABLE.search(rcpt.address):
+                        # Never accepted by our SMTP parser, so a damaged or
+                        # hand-made spool entry: no command may carry it (HDR-5).
+                        results.fail_all([Item(env, [(index, rcpt)], message)],
+                                         "550 5.1.3 control character in the envelope "
+                                         "address; not sent", "perm")
                         continue
                     domain = rcpt.address.rpartition("@")[2]
                     items = by_domain.setdefault(domain, [])
@@ -125,7 +138,6 @@ class OutboundRunner:
                         items[-1].recipients.append((index, rcpt))
                     else:
                         items.append(Item(env, [(index, rcpt)], message))
-            results = Results()
             size = self.config.outbound.messages_per_connection
             yield defer.DeferredList([
                 self._connections.run(self._deliver_domain, domain, items[i:i + size], results)
