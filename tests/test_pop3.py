@@ -34,10 +34,12 @@ from twisted.trial import unittest
 
 from mailstack.auth.limiter import FailureLimiter, LoginGuard
 from mailstack.config import Config
+from mailstack.pop3.framing import CommandReader, LineTooLong
 from mailstack.pop3.mailbox import Maildrop, MaildropCache
 from mailstack.pop3.server import POP3Factory
 from mailstack.pop3.wire import (AS_IS, CHUNK, LF_TO_CRLF, WireEncoder, by_recipe, encode,
                                  recipe_of, top_chunks, wire_size)
+from mailstack.smtp.framing import LineSplitter
 from mailstack.store.folder import Folder
 from tests.support.instance import PASSWORD, Instance, in_thread, wait_for
 
@@ -1325,6 +1327,58 @@ class WireTests(unittest.TestCase):
         for lines in (0, 1, 9_999, 20_000, 39_999, 40_000, 99_999_999, 2**31 - 2):
             self.assertEqual(b"".join(top_chunks(io.BytesIO(data), lines)),
                              reference_top(data, lines), lines)
+
+
+class CommandReaderTests(unittest.TestCase):
+    """Command framing on byte strings (STYLE 2)."""
+
+    def lines(self, reader: CommandReader) -> list:
+        out = []
+        while True:
+            try:
+                line = reader.next_line()
+            except LineTooLong:
+                out.append(LineTooLong)
+                continue
+            if line is None:
+                return out
+            out.append(line)
+
+    def test_examples(self):
+        reader = CommandReader(16)
+        reader.feed(b"USER a\r\nPASS b c\nNOOP\r\r\nRE")
+        self.assertEqual(self.lines(reader), [b"USER a", b"PASS b c", b"NOOP\r"])
+        self.assertTrue(reader.pending())
+        reader.feed(b"TR 1\r\n" + b"x" * 40 + b"\r\nQUIT\r\n")
+        self.assertEqual(self.lines(reader), [b"RETR 1", LineTooLong, b"QUIT"])
+        self.assertFalse(reader.pending())
+
+    def test_overlong_line_is_not_held(self):
+        reader = CommandReader(16)
+        reader.feed(b"y" * 20)
+        self.assertEqual(self.lines(reader), [LineTooLong])
+        for _ in range(100):
+            reader.feed(b"y" * 1000)
+            self.assertEqual(self.lines(reader), [])
+            self.assertLess(len(reader._buffer), 1016)
+        reader.feed(b"yy\r\nNOOP\r\n")
+        self.assertEqual(self.lines(reader), [b"NOOP"])
+
+    @given(st.lists(st.sampled_from([b"a", b"RETR 1", b"\r", b"\n", b"\r\n", b" ", b"x" * 7]),
+                    max_size=80).map(b"".join),
+           st.lists(st.integers(min_value=0, max_value=400), max_size=8))
+    def test_same_lines_as_smtp_splitter(self, data, cuts):
+        """The same lines and limits as SMTP's LineSplitter, however the input is cut."""
+        reader, splitter = CommandReader(16), LineSplitter(16)
+        points = sorted(set(c for c in cuts if c <= len(data)))
+        got, expected = [], []
+        for a, b in zip([0] + points, points + [len(data)]):
+            reader.feed(data[a:b])
+            splitter.feed(data[a:b])
+            got += self.lines(reader)
+            while (line := splitter.next_line()) is not None:
+                expected.append(LineTooLong if line.overlong else line.text)
+        self.assertEqual(got, expected)
 
 
 class _TCPLikeTransport(StringTransport):

@@ -50,23 +50,27 @@ from zope.interface import implementer
 
 from mailstack.auth.limiter import ADDRESS_LOCKED
 from mailstack.connections import ConnectionLimits
+from mailstack.pop3.framing import CommandReader, LineTooLong
 from mailstack.pop3.wire import CHUNK, WireEncoder, message_chunks, top_chunks
-from mailstack.smtp.framing import LineSplitter
 from mailstack.store.folder import MailboxInUse
 
 log = Logger(namespace="mailstack.pop3")
 
 MAX_LINE = 512  # RFC 2449 4: 255 octets per command, 40 per argument; SASL needs more
-_NUMBER = re.compile(rb"[0-9]{1,9}\Z")
 #: TOP's line count; clients send up to 2**31 - 2 to mean "all".
 _COUNT = re.compile(rb"[0-9]{1,20}\Z")
 _LOOPBACK = ("127.", "::1", "::ffff:127.")
 
-_AUTHORIZATION = {b"CAPA": (0, 0), b"USER": (1, 1), b"PASS": (1, 1), b"AUTH": (0, 2),
-                  b"STLS": (0, 0), b"QUIT": (0, 0)}
-_TRANSACTION = {b"CAPA": (0, 0), b"STAT": (0, 0), b"LIST": (0, 1), b"UIDL": (0, 1),
-                b"RETR": (1, 1), b"TOP": (2, 2), b"DELE": (1, 1), b"RSET": (0, 0),
-                b"NOOP": (0, 0), b"QUIT": (0, 0)}
+
+def _commands(**arity: tuple[int, int]) -> dict[bytes, tuple[str, int, int]]:
+    """verb -> (its handler, the fewest and the most arguments it takes)."""
+    return {verb.encode(): ("do_" + verb, low, high) for verb, (low, high) in arity.items()}
+
+
+_AUTHORIZATION = _commands(CAPA=(0, 0), USER=(1, 1), PASS=(1, 1), AUTH=(0, 2), STLS=(0, 0),
+                           QUIT=(0, 0))
+_TRANSACTION = _commands(CAPA=(0, 0), STAT=(0, 0), LIST=(0, 1), UIDL=(0, 1), RETR=(1, 1),
+                         TOP=(2, 2), DELE=(1, 1), RSET=(0, 0), NOOP=(0, 0), QUIT=(0, 0))
 
 
 class _Transfer:
@@ -92,7 +96,7 @@ class POP3Session(pop3.POP3):
         self.client_ip = getattr(peer, "host", str(peer))
         self.tls = self.factory.implicit_tls
         self.timeOut = self.factory.config.pop3.idle_timeout
-        self.splitter = LineSplitter(MAX_LINE)
+        self.commands = CommandReader(MAX_LINE)
         self.user: str | None = None
         self._lost = False
         self._reading_paused = False
@@ -130,7 +134,7 @@ class POP3Session(pop3.POP3):
 
     # -- input ------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
-        self.splitter.feed(data)
+        self.commands.feed(data)
         self._process()
 
     def _busy(self) -> bool:
@@ -139,13 +143,14 @@ class POP3Session(pop3.POP3):
 
     def _process(self) -> None:
         while not self._busy() and not self.transport.disconnecting:
-            line = self.splitter.next_line()
-            if line is None:
-                break
-            if line.overlong:
+            try:
+                line = self.commands.next_line()
+            except LineTooLong:
                 self.failResponse(b"Line too long")
                 continue
-            self.lineReceived(line.text)
+            if line is None:
+                break
+            self.lineReceived(line)
         # While busy, read no more: the kernel's buffers and TCP flow control
         # hold what the client pipelines, not this process.
         busy = self._busy() and not self._lost
@@ -184,20 +189,20 @@ class POP3Session(pop3.POP3):
     def state_COMMAND(self, line: bytes) -> None:
         verb, _, rest = line.partition(b" ")
         verb = verb.upper()
-        table = _TRANSACTION if self.mbox is not None else _AUTHORIZATION
-        if verb not in table:
+        command = (_TRANSACTION if self.mbox is not None else _AUTHORIZATION).get(verb)
+        if command is None:
             known = verb in _TRANSACTION or verb in _AUTHORIZATION
             self.failResponse(b"Command not valid in this state" if known else b"Unknown command")
             return
+        handler, low, high = command
         if verb == b"PASS":
             args = [rest] if rest else []  # a password may contain spaces
         else:
             args = rest.split()
-        low, high = table[verb]
         if not low <= len(args) <= high:
             self.failResponse(b"Wrong number of arguments")
             return
-        getattr(self, "do_" + verb.decode("ascii"))(*args)
+        getattr(self, handler)(*args)
 
     # -- AUTHORIZATION state ----------------------------------------------
     def _plaintext_allowed(self) -> bool:
@@ -229,7 +234,7 @@ class POP3Session(pop3.POP3):
             return
         self.successResponse(b"Begin TLS negotiation now")
         # RFC 2595 4: nothing sent before the handshake may count.
-        self.splitter.clear()
+        self.commands.clear()
         self._userIs = None
         self.tls = True
         self.transport.startTLS(self.factory.tls_context)
@@ -334,7 +339,8 @@ class POP3Session(pop3.POP3):
     # -- TRANSACTION state ------------------------------------------------
     def _index(self, arg: bytes) -> int | None:
         """The 0-based index of a live message, or None after answering -ERR."""
-        if _NUMBER.match(arg):
+        # 1 to 9 ASCII digits: bytes.isdigit knows no others and is false for b"".
+        if len(arg) <= 9 and arg.isdigit():
             n = int(arg) - 1
             if 0 <= n < len(self.mbox.messages) and n not in self.mbox.deleted:
                 return n
@@ -381,7 +387,7 @@ class POP3Session(pop3.POP3):
             return
         if answer is not None:
             self.transport.write(answer)
-            if not self.splitter.pending():
+            if not self.commands.pending():
                 self._send_now()
                 self._read_ahead(n + 1)
             self._retrieved(n)
