@@ -187,8 +187,11 @@ class Maildrop:
         return self.folder.open_message(self.messages[index], buffering)
 
     def wire_message(self, index: int, limit: int) -> bytes | None:
-        """Message ``index`` in wire form (``wire.encode``) if it has at most ``limit``
-        octets on disk, else None (then it is read with ``getMessage``)."""
+        """Message ``index`` in wire form (``wire.encode``), or None if it is larger.
+
+        ``limit`` bounds its size on disk; a larger message is read in
+        chunks through ``getMessage``.
+        """
         self._check(index)
         msg = self.messages[index]
         data = self.folder.read_message(msg, limit)

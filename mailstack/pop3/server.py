@@ -399,7 +399,7 @@ class POP3Session(pop3.POP3):
             self._pump(self._retr_status(n))
 
     def _retr_status(self, n: int) -> bytes:
-        # The size LIST gave, as RFC 1939 7's example shows.
+        """RETR's status line, with the size LIST gave (as RFC 1939 7's example shows)."""
         return b"+OK %d octets\r\n" % self.mbox.sizes[n]
 
     def _whole_answer(self, n: int) -> bytes | None:
@@ -410,6 +410,20 @@ class POP3Session(pop3.POP3):
         """
         wire = self.mbox.wire_message(n, CHUNK)
         return None if wire is None else self._retr_status(n) + wire + b".\r\n"
+
+    def _send_now(self) -> None:
+        """Hand the answer just written to the kernel now, not on the reactor's next turn.
+
+        Twisted sends buffered output when the reactor next polls, and a
+        client that waits for each answer before its next command (poplib,
+        fetchmail, most clients) would wait that extra turn on every RETR.
+        The transport's ``doWrite`` is what the reactor would call: it sends
+        what the socket takes and leaves the rest, and any error, to the
+        reactor, for which the descriptor stays registered while output
+        remains. Not while closing: that ``doWrite`` ends the connection.
+        """
+        if IWriteDescriptor.providedBy(self.transport) and not self.transport.disconnecting:
+            self.transport.doWrite()
 
     def _read_ahead(self, n: int) -> None:
         """Prepare RETR's answer for message ``n`` while the client takes in the last one.
@@ -441,20 +455,6 @@ class POP3Session(pop3.POP3):
         if f is not None:
             self._transfer = _Transfer(n, f, top_chunks(f, int(lines)), retr=False)
             self._pump(b"+OK top of message follows\r\n")
-
-    def _send_now(self) -> None:
-        """Hand the answer just written to the kernel now, not on the reactor's next turn.
-
-        Twisted sends buffered output when the reactor next polls, and a
-        client that waits for each answer before its next command (poplib,
-        fetchmail, most clients) would wait that extra turn on every RETR.
-        The transport's ``doWrite`` is what the reactor would call: it sends
-        what the socket takes and leaves the rest, and any error, to the
-        reactor, for which the descriptor stays registered while output
-        remains. Not while closing: that ``doWrite`` ends the connection.
-        """
-        if IWriteDescriptor.providedBy(self.transport) and not self.transport.disconnecting:
-            self.transport.doWrite()
 
     def _open(self, n: int, buffering: int):
         """Message ``n`` open for reading, or None after answering -ERR."""
