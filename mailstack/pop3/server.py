@@ -420,9 +420,11 @@ class POP3Session(pop3.POP3):
         The transport's ``doWrite`` is what the reactor would call: it sends
         what the socket takes and leaves the rest, and any error, to the
         reactor, for which the descriptor stays registered while output
-        remains. Not while closing: that ``doWrite`` ends the connection.
+        remains. Not while closing (that ``doWrite`` ends the connection) or
+        once closed.
         """
-        if IWriteDescriptor.providedBy(self.transport) and not self.transport.disconnecting:
+        if (IWriteDescriptor.providedBy(self.transport) and not self._lost
+                and not self.transport.disconnecting):
             self.transport.doWrite()
 
     def _read_ahead(self, n: int) -> None:
