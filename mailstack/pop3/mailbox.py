@@ -137,12 +137,12 @@ class Maildrop:
 
         The listing and sizes come from ``cache`` when nothing was added,
         renamed or removed in the folder since a previous login; otherwise
-        the folder is scanned and the listing kept for the next one. A size comes from ``W=``
-        in the file name when there is one (it is the same CRLF size,
-        written at delivery by mailstack and Dovecot), so a login reads no
-        message. Other files (from Postfix, mutt, a restored backup) are
-        measured once and their sizes kept in ``cache``; Maildir files never
-        change their content.
+        the folder is scanned and the listing kept for the next one. A size
+        comes from ``W=`` in the file name when there is one (it is the same
+        CRLF size, written at delivery by mailstack and Dovecot), so a login
+        reads no message. Other files (from Postfix, mutt, a restored backup)
+        are measured once and their sizes kept in ``cache``; Maildir files
+        never change their content.
         """
         lock_fd = folder.lock_exclusive(LOCK_NAME)
         try:
