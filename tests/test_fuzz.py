@@ -934,7 +934,6 @@ class SMTPFoundTests(unittest.TestCase):
 
 
 class POP3AuthLineTests(unittest.TestCase):
-    todo = "pop3.server.POP3Session._process answers the line without ending the AUTH exchange"
 
     @defer.inlineCallbacks
     def test_overlong_sasl_response_ends_the_exchange(self):
@@ -969,7 +968,6 @@ class POP3TLSCloseTests(_FuzzTest):
 
     protocols = ("pop3s", "pop3")
     sections = {"pop3": {"idle_timeout": 1.0}}
-    todo = "pop3.server.POP3Session never unregisters itself as the transport's producer"
 
     def closes(self, port: int, tls: bool, command: bytes) -> bool:
         c = Conversation(port, tls=tls)

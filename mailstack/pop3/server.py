@@ -146,6 +146,9 @@ class POP3Session(pop3.POP3):
             try:
                 line = self.commands.next_line()
             except LineTooLong:
+                # Also the end of an AUTH exchange whose response was too long:
+                # what follows is a command again.
+                self.state = "COMMAND"
                 self.failResponse(b"Line too long")
                 continue
             if line is None:
@@ -533,7 +536,7 @@ class POP3Session(pop3.POP3):
     def do_QUIT(self) -> None:
         if self.mbox is None:
             self.successResponse(b"Bye")
-            self.transport.loseConnection()
+            self._close()
             return
         try:
             removed = self.mbox.sync()
@@ -547,6 +550,17 @@ class POP3Session(pop3.POP3):
         logout, self._onLogout = self._onLogout, None
         logout()
         self.transport.write(reply)
+        self._close()
+
+    def timeoutConnection(self) -> None:
+        log.info("timeout: rip=[{ip}], user=<{user}>", ip=self.client_ip, user=self.user or "")
+        self._close()
+
+    def _close(self) -> None:
+        """Close once what is written is sent. The session is registered as
+        the transport's producer (for flow control), and TLS would not close
+        while it is: unregister first."""
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
 
