@@ -34,7 +34,6 @@ Benchmarks print figures; they are never assertions (DESIGN "Tests").
 from __future__ import annotations
 
 import argparse
-import os
 import poplib
 import shutil
 import signal
@@ -48,6 +47,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+from bench.common import proc_cpu, proc_status  # noqa: E402
 
 HOST = "127.0.0.1"
 DOMAIN = "example.test"
@@ -124,44 +125,6 @@ class Daemon:
                 self.proc.wait(10)
 
 
-def proc_status(pid: int, key: str) -> int:
-    """A ``kB`` field of /proc/<pid>/status (VmHWM, VmRSS), in kB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def tree_cpu(root: int) -> float:
-    """CPU seconds of ``root`` and its descendants, reaped ones included.
-
-    Dovecot serves each session in a child process that exits at QUIT, so
-    its cost shows in the parents' cutime/cstime.
-    """
-    if not root:
-        return 0.0
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                rest = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        table[int(entry)] = (int(rest[1]), sum(int(x) for x in rest[11:15]))
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        total += table.get(pid, (0, 0))[1]
-        stack.extend(children.get(pid, []))
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 # -- clients ------------------------------------------------------------------
 
 def poplib_run(host: str, port: int, user: str, password: str) -> tuple[int, int]:
@@ -221,11 +184,11 @@ MODES = {"poplib": poplib_run, "pipelined": pipelined_run, "login": login_run}
 
 def measure(mode: str, target: tuple) -> dict:
     name, host, port, user, password, pid = target
-    c0 = tree_cpu(pid)
+    c0 = proc_cpu(pid) if pid else 0.0
     t0 = time.perf_counter()
     n, octets = MODES[mode](host, port, user, password)
     dt = time.perf_counter() - t0
-    return {"msgs": n, "octets": octets, "seconds": dt, "server_cpu_s": tree_cpu(pid) - c0}
+    return {"msgs": n, "octets": octets, "seconds": dt, "server_cpu_s": (proc_cpu(pid) if pid else 0.0) - c0}
 
 
 def parse_target(spec: str) -> tuple:
