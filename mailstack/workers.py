@@ -41,6 +41,7 @@ from pathlib import Path
 from twisted.application.service import Service
 from twisted.internet import defer, protocol
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import ILogObserver, LogLevel, Logger, globalLogBeginner, globalLogPublisher
 from zope.interface import implementer
 
@@ -93,8 +94,8 @@ class _WorkerProcess(protocol.ProcessProtocol):
             return
         try:
             self.transport.signalProcess(signum)
-        except OSError:
-            pass
+        except (OSError, ProcessExitedAlready):
+            pass  # ended; processEnded is on its way
 
     def outReceived(self, data: bytes) -> None:
         lines = (self._buffer + data).split(b"\n")
@@ -114,7 +115,8 @@ class _WorkerProcess(protocol.ProcessProtocol):
                     "log_format": "{log_text}", "log_text": text,
                 })
             elif kind == "queued":
-                self.pool.queued(message[1])
+                # A message with remote recipients moved into the main spool.
+                self.pool.service.handed_over(message[1])
             elif kind == "ready":
                 self.ready = True
                 pending, self.pending = self.pending, []
@@ -179,10 +181,6 @@ class WorkerPool(Service):
                                 childFDs=child_fds)
         self.running_workers[index] = worker
         log.info("started SMTP worker {n}, pid {pid}", n=index, pid=worker.transport.pid)
-
-    def queued(self, queue_id: str) -> None:
-        """A worker moved a message with remote recipients into the main spool."""
-        self.service.handed_over(queue_id)
 
     def ended(self, worker: _WorkerProcess, reason) -> None:
         self.running_workers.pop(worker.index, None)
