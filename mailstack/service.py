@@ -9,14 +9,14 @@ import threading
 import time
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python.threadpool import ThreadPool
 
-from mailstack import tls
+from mailstack import tls, transport
 from twisted.cred.portal import Portal
 from twisted.mail.interfaces import IAccountIMAP, IMailboxPOP3
 
@@ -170,13 +170,9 @@ class MailstackService(MultiService):
         """Run blocking work (fsync, hashing) in the bounded pool."""
         return deferToThreadPool(self.reactor, self.pool, f, *args, **kwargs)
 
-    def _endpoint(self, spec: Listener):
-        if spec.implicit_tls:
-            return endpoints.SSL4ServerEndpoint(self.reactor, spec.port, self.tls_context,
-                                                interface=spec.address)
-        if ":" in spec.address:
-            return endpoints.TCP6ServerEndpoint(self.reactor, spec.port, interface=spec.address)
-        return endpoints.TCP4ServerEndpoint(self.reactor, spec.port, interface=spec.address)
+    def _endpoint(self, spec: Listener) -> transport.ServerEndpoint:
+        return transport.ServerEndpoint(self.reactor, spec.port, spec.address,
+                                        self.tls_context if spec.implicit_tls else None)
 
     def _factory(self, spec: Listener):
         if spec.speaks == "http":

@@ -45,6 +45,7 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import ILogObserver, LogLevel, Logger, globalLogBeginner, globalLogPublisher
 from zope.interface import implementer
 
+from mailstack import transport
 from mailstack.logs import AppendFile, LineObserver, format_text, system_of
 from mailstack.queue.spool import Spool
 
@@ -298,8 +299,8 @@ class AdoptedEndpoint:
         self.family = socket.AF_INET6 if ":" in address else socket.AF_INET
 
     def listen(self, factory) -> Deferred:
-        port = self.reactor.adoptStreamPort(self.fd, self.family, factory)
-        os.close(self.fd)  # adoptStreamPort keeps its own duplicate
+        port = transport.adopt(self.reactor, self.fd, self.family, factory)
+        os.close(self.fd)  # adopt keeps its own duplicate
         return defer.succeed(port)
 
 
