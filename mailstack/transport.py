@@ -17,6 +17,11 @@ implicit TLS because its TLS layer is a protocol on top of this transport).
 
 ``ServerEndpoint`` and ``adopt`` are Twisted's TCP/SSL server endpoints and
 ``reactor.adoptStreamPort`` with this transport.
+
+This leans on Twisted internals (``FileDescriptor``'s buffer attributes,
+``_newtls.startTLS``, ``Port._fromListeningDescriptor``; read against Twisted
+26.10): after a Twisted upgrade, tests/test_transport.py and the STARTTLS and
+implicit-TLS tests are the check.
 """
 
 from __future__ import annotations
