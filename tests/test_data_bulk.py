@@ -319,3 +319,35 @@ class SessionTests(unittest.TestCase):
         self.assertTrue(transport.value().rsplit(b"\r\n", 2)[-2].startswith(b"421 "))
         session.connectionLost(None)
         transport.disconnected = True
+
+    @defer.inlineCallbacks
+    def test_input_while_a_commit_is_pending(self):
+        """The next commands sent before the 250 wait, unread past a bound,
+        and are answered in order once the message is queued."""
+        instance = MXInstance(self)
+        peer = IPv4Address("TCP", "127.0.0.10", 40000)
+        session = instance.factory.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        self.addCleanup(session.setTimeout, None)
+        session.makeConnection(transport)
+        session.dataReceived(b"EHLO client.test\r\nMAIL FROM:<s@remote.test>\r\n"
+                             b"RCPT TO:<demo@example.test>\r\nDATA\r\n")
+        yield wait_for(lambda: b"354 " in transport.value())
+        session.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\nRSET\r\n")
+        self.assertTrue(session._busy, "the commit runs off the reactor thread")
+        self.assertEqual(transport.producerState, "producing", "a little input is just kept")
+        # A real transport stops calling dataReceived once paused.
+        noops = 0
+        while transport.producerState == "producing" and noops < 2 * MAX_BLOCK:
+            session.dataReceived(b"NOOP\r\n")
+            noops += 1
+        self.assertEqual(transport.producerState, "paused")
+        self.assertLessEqual(session.splitter.buffered(), MAX_BLOCK + len(b"NOOP\r\n"))
+        self.assertNotIn(b"250 2.0.0 Ok: queued", transport.value())
+        yield wait_for(lambda: not session._busy)
+        self.assertEqual(transport.producerState, "producing")
+        replies = transport.value().split(b"354 ", 1)[1].split(b"\r\n")[1:-1]
+        self.assertTrue(replies[0].startswith(b"250 2.0.0 Ok: queued as "), replies[0])
+        self.assertEqual(replies[1:], [b"250 2.0.0 Ok"] * (noops + 1))
+        session.connectionLost(None)
+        transport.disconnected = True

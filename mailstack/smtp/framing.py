@@ -69,6 +69,10 @@ class LineSplitter:
     def pending(self) -> bool:
         return self._pos < len(self._buffer)
 
+    def buffered(self) -> int:
+        """Bytes received and not yet taken as lines."""
+        return len(self._buffer) - self._pos
+
     def feed(self, data: bytes) -> None:
         if self._pos:
             self._buffer = self._buffer[self._pos:]

@@ -50,10 +50,15 @@ from mailstack.queue.dkimsign import load_keys, sign
 from mailstack.queue.spool import Envelope, MessageWriter, Recipient, new_queue_id
 from mailstack.smtp import reply, submission
 from mailstack.smtp.address import AddressSyntax, Mailbox, parse_path_and_params
-from mailstack.smtp.framing import DataReader, Line, LineSplitter
+from mailstack.smtp.framing import MAX_BLOCK, DataReader, Line, LineSplitter
 from mailstack.smtp.reply import Reply, printable
 
 log = Logger(namespace="mailstack.smtpd")
+
+#: Input kept, unprocessed, while a reply is pending (a commit, a DNS lookup);
+#: past it the socket is not read until the reply is sent, and TCP flow
+#: control holds the client back.
+HOLD_WHILE_BUSY = MAX_BLOCK
 
 # RFC 5321 4.1.1.1: a domain or an address literal; underscores are common in
 # the wild and harmless here. Nothing that could break a Received header.
@@ -115,6 +120,7 @@ class Session(Protocol, TimeoutMixin):
         self.errors = 0
         self.closing = False
         self._busy = False
+        self._paused = False
         self._counts: dict[str, int] = {}
 
     # -- connection -------------------------------------------------------
@@ -198,7 +204,13 @@ class Session(Protocol, TimeoutMixin):
             # DATA line); a chunk that ends no line does not count (LIM-2).
             self.resetTimeout()
         self.splitter.feed(data)
-        self._process()
+        if not self._busy:
+            self._process()
+        elif not self._paused and self.splitter.buffered() > HOLD_WHILE_BUSY:
+            # A client that keeps sending while its reply is pending waits in
+            # the kernel's buffers, not in ours.
+            self._paused = True
+            self.transport.pauseProducing()
 
     def _process(self) -> None:
         while not self._busy and not self.closing:
@@ -217,16 +229,22 @@ class Session(Protocol, TimeoutMixin):
                 self._command_line(line)
 
     def _wait_for(self, d: Deferred) -> None:
-        """Hold further input until ``d`` (which sends the reply) has fired."""
+        """Hold further input until ``d`` (which sends the reply) has fired.
+
+        Input that arrives meanwhile is buffered, not read: only past
+        ``HOLD_WHILE_BUSY`` bytes is the transport paused, so the usual
+        commit costs no pause and resume (two epoll_ctl calls each)."""
         self._busy = True
-        self.transport.pauseProducing()
         self.setTimeout(None)
 
         def resume(result):
             self._busy = False
+            if self._paused:
+                self._paused = False
+                if not self.closing:
+                    self.transport.resumeProducing()
             if not self.closing:
                 self.setTimeout(self.limits.idle_timeout)
-                self.transport.resumeProducing()
                 self._process()
             return result
 
