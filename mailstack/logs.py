@@ -5,7 +5,8 @@ removal, disconnect). Twisted's text observer formats every event with
 ``string.Formatter`` in Python and builds a timezone-aware datetime for every
 timestamp, which took a quarter of the reactor thread's time per message.
 ``format_text`` formats with ``str.format_map`` (in C) whenever the format
-allows, and ``LineObserver`` formats the timestamp once per second. The lines
+allows, and ``LineObserver`` formats the timestamp once per second and
+writes the lines of a reactor turn in one write. The lines
 are the ones ``twistd --logfile`` writes (``2026-11-23T18:00:03+0000
 [mailstack.smtpd#info] ...``), so the README's fail2ban filter and any
 existing log tooling keep working.
@@ -24,6 +25,7 @@ import os
 import sys
 
 from twisted.logger import ILogObserver, eventAsText, formatTime
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 
@@ -51,12 +53,24 @@ def system_of(event: dict) -> str:
 @implementer(ILogObserver)
 class LineObserver:
     """Writes each event as one classic log line (continuation lines indented
-    with a tab, as Twisted does) and flushes it."""
+    with a tab, as Twisted does).
 
-    def __init__(self, out):
+    Given the ``reactor``, the lines logged on its thread while it runs are
+    written together at the start of its next turn, in one write: a busy
+    server logs several lines per turn, and a write and flush for each took
+    7% of the reactor thread. A ``kill -9`` loses at most that one turn's
+    lines. Other threads' lines, and every line before the reactor runs or
+    once it has stopped, are written at once; ``flush`` writes what waits.
+    """
+
+    def __init__(self, out, reactor=None):
         self.out = out
+        self._reactor = reactor
+        self._pending: list[str] = []
         self._second: int | None = None
         self._stamp = ""
+        if reactor is not None:
+            reactor.addSystemEventTrigger("after", "shutdown", self.flush)
 
     def _time(self, when: float | None) -> str:
         if when is None:
@@ -71,8 +85,33 @@ class LineObserver:
         if not text:
             return
         line = f"{self._time(event.get('log_time'))} [{system_of(event)}] {text}"
-        self.out.write(line.replace("\n", "\n\t") + "\n")
+        line = line.replace("\n", "\n\t") + "\n"
+        if not isInIOThread():
+            self._write(line)
+        elif self._reactor is not None and self._reactor.running:
+            if not self._pending:
+                self._reactor.callLater(0, self.flush)
+            self._pending.append(line)
+        else:
+            self.flush()
+            self._write(line)
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
         self.out.flush()
+
+    def flush(self) -> None:
+        """Write the lines held for the end of this reactor turn (its thread only)."""
+        if self._pending:
+            text, self._pending = "".join(self._pending), []
+            self._write(text)
+
+    def reopen(self) -> None:
+        """After logrotate moved the file: what was logged before goes to the
+        old one, what follows to the new one."""
+        self.flush()
+        if hasattr(self.out, "reopen"):
+            self.out.reopen()
 
 
 class AppendFile:
@@ -104,12 +143,12 @@ class AppendFile:
         self._file.close()
 
 
-def observer_for_twistd(options) -> LineObserver | None:
+def observer_for_twistd(options, reactor=None) -> LineObserver | None:
     """A ``LineObserver`` writing where twistd would, from twistd's options
     (the parent of the plugin's options); None to leave the choice to twistd."""
     if options is None or options.get("syslog") or options.get("logger"):
         return None
     name = options.get("logfile")
     if name == "-" or (options.get("nodaemon") and not name):
-        return LineObserver(sys.stdout)
-    return LineObserver(AppendFile(os.path.abspath(name or "twistd.log")))
+        return LineObserver(sys.stdout, reactor)
+    return LineObserver(AppendFile(os.path.abspath(name or "twistd.log")), reactor)

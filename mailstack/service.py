@@ -296,9 +296,8 @@ class MailstackService(MultiService):
         """SIGUSR1 (logrotate): open the log file again, here and in the workers."""
         if self.workers is not None:
             self.workers.signal(signal.SIGUSR1)
-        out = getattr(self.log_observer, "out", None)
-        if hasattr(out, "reopen"):
-            out.reopen()
+        if hasattr(self.log_observer, "reopen"):
+            self.log_observer.reopen()
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -321,9 +321,10 @@ def main(argv: list[str] | None = None) -> None:
     channel = ParentChannel(reactor)
     stdio.StandardIO(channel, reactor=reactor)
     if args.log_file:
-        observer = LineObserver(AppendFile(args.log_file))
+        observer = LineObserver(AppendFile(args.log_file), reactor)
     elif args.log_fd is not None:
-        observer = LineObserver(open(args.log_fd, "w", encoding="utf-8", errors="replace"))
+        observer = LineObserver(open(args.log_fd, "w", encoding="utf-8", errors="replace"),
+                               reactor)
     else:
         observer = ChannelLogObserver(channel)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)

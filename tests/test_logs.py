@@ -8,9 +8,12 @@ tooling (the README's fail2ban filter among it) sees no difference.
 from __future__ import annotations
 
 import io
+import os
 import signal
+import threading
 import time
 
+from twisted.internet import defer, reactor, task
 from twisted.logger import LogLevel, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -78,6 +81,72 @@ class FormatTests(unittest.TestCase):
         expected = [formatEventAsClassicLogText(event("tick", log_time=w)).rstrip("\n")
                     for w in (now, now + 0.5, now + 1.5, now + 3600)]
         self.assertEqual(lines, expected)
+
+
+class Writes(io.StringIO):
+    """An output that counts its writes."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def turn():
+    """A Deferred that fires on the reactor's next turn."""
+    return task.deferLater(reactor, 0, lambda: None)
+
+
+class BatchTests(unittest.TestCase):
+    """With the running reactor, one turn's lines are written in one write."""
+
+    @defer.inlineCallbacks
+    def test_one_write_per_reactor_turn(self):
+        yield turn()  # trial starts a test before its reactor runs
+        out = Writes()
+        observer = LineObserver(out, reactor)
+        for n in range(3):
+            observer(event("line {n}", n=n))
+        self.assertEqual(out.getvalue(), "", "held until the turn ends")
+        yield turn()
+        self.assertEqual(out.writes, 1)
+        self.assertEqual(out.getvalue().splitlines(),
+                         [formatEventAsClassicLogText(event("line {n}", n=n)).rstrip("\n")
+                          for n in range(3)])
+
+    @defer.inlineCallbacks
+    def test_other_threads_write_at_once_and_flush_writes_what_waits(self):
+        yield turn()
+        out = Writes()
+        observer = LineObserver(out, reactor)
+        observer(event("held"))
+        thread = threading.Thread(target=observer, args=(event("from a thread"),))
+        thread.start()
+        thread.join()
+        self.assertTrue(out.getvalue().endswith("from a thread\n"), out.getvalue())
+        self.assertNotIn("held", out.getvalue())
+        observer.flush()
+        self.assertTrue(out.getvalue().endswith("held\n"), out.getvalue())
+
+    @defer.inlineCallbacks
+    def test_reopen_writes_held_lines_to_the_old_file_first(self):
+        yield turn()
+        path = self.mktemp()
+        observer = observer_for_twistd({"logfile": path}, reactor)
+        self.addCleanup(lambda: observer.out.close())
+        observer(event("before rotation"))
+        moved = path + ".1"
+        os.rename(path, moved)
+        observer.reopen()
+        observer(event("after rotation"))
+        observer.flush()
+        with open(moved) as f:
+            self.assertIn("before rotation", f.read())
+        with open(path) as f:
+            self.assertEqual(f.read().count("\n"), 1)
 
 
 class DestinationTests(unittest.TestCase):

@@ -31,7 +31,7 @@ class MailstackServiceMaker:
             service = MailstackService(load(options["config"]))
         except (ConfigError, SpoolLocked, TLSSetupError, ValueError) as e:
             sys.exit(f"mailstack: {e}")
-        service.log_observer = observer_for_twistd(options.parent)
+        service.log_observer = observer_for_twistd(options.parent, service.reactor)
         return service
 
 
