@@ -103,8 +103,9 @@ class MailstackService(MultiService):
         self.worker = worker
         server = config.server
         self.pool = ThreadPool(minthreads=0, maxthreads=server.threads, name="mailstack")
-        self.users = Users(server.users_file)
-        self.directory = Directory(server.domains, self.users, Aliases(server.aliases_file))
+        self.users = Users(server.users_file, reactor)
+        self.directory = Directory(server.domains, self.users,
+                                   Aliases(server.aliases_file, reactor))
         self.mail_root = MailRoot(server.mail_root)
         if worker is None:
             self.spool = Spool(server.spool_dir)

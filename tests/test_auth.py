@@ -13,6 +13,8 @@ from pathlib import Path
 from argon2 import PasswordHasher, extract_parameters
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.python import threadable
 from twisted.trial import unittest
 
 from mailstack.addresses import MAX_LOCAL, BadAddress, canonical, canonical_domain, split
@@ -198,6 +200,24 @@ class ReloadTests(TempFiles, unittest.SynchronousTestCase):
         for _ in range(5):
             watched.get()
         self.assertEqual(len(calls), 2)  # the empty start value, then the file
+
+
+    def test_on_the_reactor_thread_one_stat_per_turn(self):
+        class Reactor(Clock):
+            running = True
+
+        threadable.registerAsIOThread()  # this thread, where trial runs its reactor
+        reactor = Reactor()
+        path = self.path("list")
+        path.write_text("one\n")
+        watched = ReloadingFile(path, lambda lines, p: tuple(lines), reactor)
+        self.replace(path, "two\n")
+        self.assertEqual(watched.get(), ("one",), "changed within the turn")
+        reactor.advance(0)
+        self.assertEqual(watched.get(), ("two",))
+        self.replace(path, "three\n")
+        reactor.advance(0)
+        self.assertEqual(watched.get(), ("three",))
 
 
 class AliasFileTests(TempFiles, unittest.SynchronousTestCase):

@@ -55,9 +55,10 @@ def _canonical_source(source: str) -> str:
 class Aliases:
     """The alias map, kept in step with the file on disk."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, reactor=None):
+        """``reactor``: the server's, to stat the file once per reactor turn."""
         self.path = Path(path)
-        self._file = ReloadingFile(self.path, parse_aliases)
+        self._file = ReloadingFile(self.path, parse_aliases, reactor)
 
     def items(self) -> list[tuple[str, tuple[str, ...]]]:
         return sorted(self._file.get().items())

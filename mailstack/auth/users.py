@@ -73,9 +73,10 @@ def parse_users(lines: list[str], path: Path) -> dict[str, str]:
 class Users:
     """The users known to this server, kept in step with the file on disk."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, reactor=None):
+        """``reactor``: the server's, to stat the file once per reactor turn."""
         self.path = Path(path)
-        self._file = ReloadingFile(self.path, parse_users)
+        self._file = ReloadingFile(self.path, parse_users, reactor)
 
     def exists(self, address: str) -> bool:
         return address in self._file.get()
