@@ -36,7 +36,8 @@ from mailstack.pop3.mailbox import Maildrop, MaildropCache
 from mailstack.pop3.server import POP3Factory
 from mailstack.queue.bounce import build_dsn
 from mailstack.queue.runner import OutboundRunner
-from mailstack.queue.spool import Envelope, Recipient, Spool, SpoolLocked, new_queue_id
+from mailstack.queue.spool import (Envelope, GroupCommit, Recipient, Spool, SpoolLocked,
+                                   new_queue_id)
 from mailstack.smtp.server import SMTPFactory
 from mailstack.smtp.submission import ISender
 from mailstack.store.folder import user_inbox
@@ -112,6 +113,7 @@ class MailstackService(MultiService):
         else:
             self.spool = Spool(worker_spool_dir(server.spool_dir, worker.index))
         self.spool.open()
+        self.commits = GroupCommit(self.spool, self.run_blocking)
         #: Prometheus metrics of this service (its own registry), served at /metrics.
         self.metrics = Metrics(self.spool)
         self.tls_context = tls.server_context(config.tls)
@@ -189,7 +191,8 @@ class MailstackService(MultiService):
         return SMTPFactory(self.config, spec.role, self.directory, self.spool, self.queued,
                            self.run_blocking, self.tls_context, spec.implicit_tls,
                            self.portal, self.login_guard, self.reactor,
-                           policy=self.policy if spec.role == "mx" else None)
+                           policy=self.policy if spec.role == "mx" else None,
+                           commits=self.commits)
 
     def _open_maildrop(self, address: str) -> Deferred:
         """The POP3 avatar: the locked INBOX snapshot, built off the reactor."""
@@ -251,8 +254,7 @@ class MailstackService(MultiService):
             writer.write_line(line)
         envelope = Envelope(id=queue_id, sender=sender, recipients=destinations,
                             arrival=time.time(), client="local", body_offset=offset)
-        d = self.run_blocking(writer.commit, envelope)
-        d.addErrback(lambda f: (writer.abort(), f)[1])
+        d = self.commits.commit(writer, envelope)
 
         def committed(_):
             log.info("{id}: from=<{sender}>, to=<{rcpts}>, size={size}, origin=local, "

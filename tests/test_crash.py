@@ -33,7 +33,8 @@ from twisted.trial import unittest
 
 from mailstack.queue import spool as spool_module
 from mailstack.queue.local import LocalDelivery
-from mailstack.queue.spool import DirectorySync, Envelope, MessageWriter, Recipient, Spool
+from mailstack.queue.spool import (DirectorySync, Envelope, GroupCommit, MessageWriter, Recipient,
+                                   Spool)
 from mailstack.store.maildir import MailRoot, delivery_base
 from tests.support.instance import DaemonProcess, Instance
 
@@ -319,7 +320,7 @@ class ReplayTests(unittest.TestCase):
             writer.write_line(line.encode())
         envelope = Envelope(id=queue_id, sender=SENDER, arrival=time.time(), body_offset=offset,
                             recipients=[Recipient(r, r, True) for r in rcpts])
-        writer.commit(envelope)
+        self.successResultOf(GroupCommit(self.spool, run_now).commit(writer, envelope))
         return envelope
 
     def place(self, envelope: Envelope, index: int, sub: str = "new", suffix: str = "") -> Path:
@@ -484,7 +485,7 @@ class SpoolDurabilityTests(unittest.TestCase):
         self.assertTrue(writer.path.exists(), "a large message is not held in memory")
         self.assertLessEqual(writer._held, MessageWriter.SPILL)
         env = Envelope(id="BIG", sender="", recipients=[], arrival=time.time())
-        writer.commit(env)
+        self.successResultOf(GroupCommit(self.spool, run_now).commit(writer, env))
         data = self.spool.message_path("BIG").read_bytes()
         self.assertEqual(data, (line + b"\n") * lines)
         self.assertEqual(env.size, len(data))
@@ -506,8 +507,9 @@ class SpoolDurabilityTests(unittest.TestCase):
             by_block.write_block(b"".join(line + b"\n" for line in rest[start:start + 37]))
         envs = [Envelope(id=w.id, sender="", recipients=[], arrival=time.time())
                 for w in (by_line, by_block)]
-        by_line.commit(envs[0])
-        by_block.commit(envs[1])
+        commits = GroupCommit(self.spool, run_now)
+        self.successResultOf(commits.commit(by_line, envs[0]))
+        self.successResultOf(commits.commit(by_block, envs[1]))
         self.assertEqual(self.spool.message_path("BLOCKS").read_bytes(),
                          self.spool.message_path("LINES").read_bytes())
         self.assertEqual((envs[1].size, envs[1].wsize), (envs[0].size, envs[0].wsize))
@@ -539,8 +541,7 @@ class SpoolDurabilityTests(unittest.TestCase):
 
         self.patch(self.spool.queue_sync, "sync", broken)
         env = Envelope(id="FAIL", sender="", recipients=[], arrival=time.time())
-        self.assertRaises(OSError, writer.commit, env)
-        writer.abort()
+        self.failureResultOf(GroupCommit(self.spool, run_now).commit(writer, env), OSError)
         self.assertEqual(os.listdir(self.spool.queue), [])
         self.assertEqual(os.listdir(self.spool.tmp), [])
 
@@ -581,3 +582,110 @@ class SpoolDurabilityTests(unittest.TestCase):
         for t0, t1 in calls:
             self.assertTrue(any(t0 <= s and e <= t1 for s, e in zip(starts, ends)),
                             "a caller returned without an fsync started after its call")
+
+
+class GroupCommitTests(unittest.TestCase):
+    """Batched commits: the fsyncs in thread jobs, one job per batch, and a
+    Deferred that fires only after the fsync of ``queue/`` covering it."""
+
+    def setUp(self):
+        self.spool = Spool(Path(self.mktemp()))
+        self.spool.open()
+        self.addCleanup(self.spool.close)
+        #: The blocking jobs handed to the pool, run when the test says.
+        self.jobs: list[tuple[defer.Deferred, object, tuple]] = []
+        self.commits = GroupCommit(self.spool, self.run_later)
+
+    def run_later(self, f, *args):
+        d = defer.Deferred()
+        self.jobs.append((d, f, args))
+        return d
+
+    def kind(self, job) -> str:
+        return "queue" if job[1] == self.spool.queue_sync.sync else "files"
+
+    def run_job(self, kind: str) -> int:
+        """Run the oldest job of this kind (files or queue); returns how many
+        messages a files job covered."""
+        [job] = [j for j in self.jobs if self.kind(j) == kind][:1]
+        self.jobs.remove(job)
+        d, f, args = job
+        try:
+            result = f(*args)
+        except OSError:
+            d.errback()
+        else:
+            d.callback(result)
+        return len(args[0]) if args else 0
+
+    def start(self, queue_id: str) -> defer.Deferred:
+        writer = self.spool.writer(queue_id)
+        writer.write_line(b"Subject: " + queue_id.encode())
+        envelope = Envelope(id=queue_id, sender="", recipients=[], arrival=time.time())
+        return self.commits.commit(writer, envelope)
+
+    def test_one_job_per_batch_and_no_ack_before_the_queue_fsync(self):
+        first = self.start("A")
+        # Written at once, on this thread; nothing in queue/ before the fsyncs.
+        self.assertEqual(sorted(os.listdir(self.spool.tmp)), ["A.env", "A.msg"])
+        rest = [self.start(q) for q in ("B", "C", "D")]
+        self.assertEqual(len(self.jobs), 1, "commits arriving during a file fsync must wait")
+        self.assertEqual(os.listdir(self.spool.queue), [])
+        self.assertEqual(self.run_job("files"), 1)
+        self.assertEqual(sorted(os.listdir(self.spool.queue)), ["A.env", "A.msg"])
+        self.assertNoResult(first)
+        # Now the queue fsync for A and one file job for B, C and D.
+        self.assertEqual(sorted(map(self.kind, self.jobs)), ["files", "queue"])
+        self.run_job("queue")
+        self.assertIsNone(self.successResultOf(first))
+        for d in rest:
+            self.assertNoResult(d)
+        self.assertEqual(self.run_job("files"), 3)
+        self.run_job("queue")
+        self.assertEqual(self.jobs, [])
+        for d in rest:
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.spool.queued_ids(), ["A", "B", "C", "D"])
+        self.assertEqual(os.listdir(self.spool.tmp), [])
+        self.assertEqual(self.spool.message_path("C").read_bytes(), b"Subject: C\n")
+
+    def test_a_failed_fsync_fails_only_the_messages_it_covers(self):
+        a, b = self.start("A"), self.start("B")
+        c = self.start("C")
+        real = MessageWriter.sync_files
+
+        def sync_files(writer):
+            if writer.id == "B":
+                raise OSError(5, "Input/output error")
+            real(writer)
+
+        self.patch(MessageWriter, "sync_files", sync_files)
+        self.run_job("files")  # A's
+        self.run_job("queue")
+        self.run_job("files")  # B's and C's: B fails
+        self.failureResultOf(b, OSError)
+        self.assertNotIn("B.msg", os.listdir(self.spool.tmp))
+        self.run_job("queue")  # C's
+        self.successResultOf(a)
+        self.successResultOf(c)
+        self.assertEqual(self.spool.queued_ids(), ["A", "C"])
+        self.assertEqual(os.listdir(self.spool.tmp), [])
+
+    def test_a_failed_queue_fsync_takes_the_whole_batch_back(self):
+        first = self.start("A")
+        batch = [self.start("B"), self.start("C")]
+        self.run_job("files")  # A's
+        self.run_job("queue")
+        self.successResultOf(first)
+        self.run_job("files")  # B's and C's
+        [(d, _, _)] = self.jobs
+        self.jobs.clear()
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            d.errback()
+        for d in batch:
+            self.failureResultOf(d, OSError)
+        self.assertEqual(self.spool.queued_ids(), ["A"])
+        self.assertEqual(sorted(os.listdir(self.spool.queue)), ["A.env", "A.msg"])
+        self.assertEqual(os.listdir(self.spool.tmp), [])

@@ -16,6 +16,7 @@ import time
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from mailstack.queue.spool import GroupCommit
 from tests.support.instance import in_thread, wait_for
 from tests.support.smtpclient import MXInstance, RawClient, split_stored, tls_context
 
@@ -730,7 +731,7 @@ class PipeliningTests(unittest.TestCase):
             commits.append(f)
             return gate.addCallback(lambda _: run_blocking(f, *args))
 
-        instance.factory.run_blocking = slow_commit
+        instance.factory.commits = GroupCommit(instance.factory.spool, slow_commit)
 
         def dialogue():
             with RawClient(instance.port) as client:
@@ -764,7 +765,7 @@ class PipeliningTests(unittest.TestCase):
             commits.append(f)
             return gate.addCallback(lambda _: run_blocking(f, *args))
 
-        instance.factory.run_blocking = slow_commit
+        instance.factory.commits = GroupCommit(instance.factory.spool, slow_commit)
         client = yield in_thread(RawClient, instance.port)
         self.addCleanup(client.close)
         yield in_thread(open_data, client)

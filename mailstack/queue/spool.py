@@ -13,14 +13,16 @@ first, envelope last: the envelope is the commit record) and ``queue/`` is
 fsync'd. Only then does SMTP answer 250. A ``.msg`` without its ``.env`` was
 never acknowledged and is removed at start-up.
 
-The fsync of ``queue/`` is a group commit (``DirectorySync``): sessions that
-commit at the same time share one directory fsync, and each one still returns
-only after an fsync that started after its own renames.
+Commits are batched (``GroupCommit``): the reactor thread writes the files
+into ``tmp/`` and renames them, calls that touch only the page cache and the
+directories; a pool thread does the fsyncs, one job for all the files of a
+batch and one fsync of ``queue/`` (``DirectorySync``) for all its renames.
+Each message is still acknowledged only after an fsync of ``queue/`` that
+started after its own renames.
 
-A message is received into memory and written to ``tmp/`` only by the commit
-(in a pool thread), so the reactor thread makes no file-system call for it;
-only a message larger than ``MessageWriter.SPILL`` is written to ``tmp/`` as
-it arrives, so the memory held per session stays bounded.
+A message is held in memory until its commit; only a message larger than
+``MessageWriter.SPILL`` is written to ``tmp/`` as it arrives, so the memory
+held per session stays bounded.
 
 The stored message uses LF line ends and starts with the ``Return-Path`` and
 ``Received`` headers, so local delivery is a hard link of this very file;
@@ -38,10 +40,13 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from mailstack.fsutil import fsync_dir, replace_synced, write_synced
+from mailstack.fsutil import fsync_dir, replace_synced
 
 log = Logger(namespace="mailstack.spool")
 _counter = itertools.count()
@@ -193,6 +198,7 @@ class MessageWriter:
         self._parts: list[bytes] = []
         self._held = 0
         self._fd: int | None = None
+        self._env_fd: int | None = None
         self._done = False
         self._touched = False
         #: Bytes written so far (LF line ends) and lines of them.
@@ -253,9 +259,7 @@ class MessageWriter:
         """Drop the message (also after a failed commit: removes what it left in ``tmp/``)."""
         self._parts = []
         self._done = True
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._close()
         if self._touched:
             for path in (self.path, self.spool.tmp / f"{self.id}.env"):
                 try:
@@ -263,52 +267,160 @@ class MessageWriter:
                 except FileNotFoundError:
                     pass
 
-    def commit(self, envelope: Envelope) -> None:
-        """Make the message durable and visible in the queue (blocking: use a thread).
+    def _close(self) -> None:
+        for name in ("_fd", "_env_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                setattr(self, name, None)
+                os.close(fd)
 
-        Returns only when the message and its envelope are fsync'd, renamed
-        into ``queue/`` and ``queue/`` is fsync'd; raises (leaving nothing in
-        ``queue/`` but possibly an orphan ``.msg``) otherwise.
+    # -- commit, in the steps ``GroupCommit`` runs for a batch -------------
+    def stage(self, envelope: Envelope) -> None:
+        """Write the rest of the message and its envelope into ``tmp/``.
+
+        Page-cache writes, no fsync: fast enough for the reactor thread. The
+        files stay open for ``sync_files``.
         """
         if self._done:
             raise RuntimeError(f"{self.id}: message already committed or aborted")
         self._done = True
         envelope.size = self.size
         envelope.wsize = self.size + self.lines
-        try:
-            self._spill()
-            os.fsync(self._fd)
-        finally:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-        spool = self.spool
-        msg, env = f"{self.id}.msg", f"{self.id}.env"
-        if spool._tmp_fd is None:
-            write_synced(spool.tmp / env, envelope.to_json())
-            os.rename(spool.tmp / msg, spool.queue / msg)
-            os.rename(spool.tmp / env, spool.queue / env)
+        self._spill()
+        name = f"{self.id}.env"
+        tmp_fd = self.spool._tmp_fd
+        if tmp_fd is None:
+            self._env_fd = os.open(self.spool.tmp / name, _CREATE | os.O_TRUNC, 0o600)
         else:
-            # The same steps, relative to the open spool directories.
-            fd = os.open(env, _CREATE | os.O_TRUNC, 0o600, dir_fd=spool._tmp_fd)
+            self._env_fd = os.open(name, _CREATE | os.O_TRUNC, 0o600, dir_fd=tmp_fd)
+        _write_all(self._env_fd, envelope.to_json())
+
+    def sync_files(self) -> None:
+        """Blocking: fsync the message and its envelope (after ``stage``)."""
+        os.fsync(self._fd)
+        os.fsync(self._env_fd)
+
+    def publish(self) -> None:
+        """Rename both files into ``queue/``: message first, the envelope
+        (the commit record) last. Durable once ``queue/`` is fsync'd."""
+        self._close()
+        spool = self.spool
+        for name in (f"{self.id}.msg", f"{self.id}.env"):
+            if spool._tmp_fd is None:
+                os.rename(spool.tmp / name, spool.queue / name)
+            else:
+                os.rename(name, name, src_dir_fd=spool._tmp_fd, dst_dir_fd=spool._queue_fd)
+
+    def unpublish(self) -> None:
+        """Take a published message back out of ``queue/`` (its directory fsync
+        failed, so it is not acknowledged and must not be delivered later)."""
+        for name in (f"{self.id}.env", f"{self.id}.msg"):
             try:
-                _write_all(fd, envelope.to_json())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(msg, msg, src_dir_fd=spool._tmp_fd, dst_dir_fd=spool._queue_fd)
-            os.rename(env, env, src_dir_fd=spool._tmp_fd, dst_dir_fd=spool._queue_fd)
+                os.unlink(self.spool.queue / name)
+            except OSError:
+                pass
+
+
+class GroupCommit:
+    """Commits messages to the spool in batches: SMTP's 250 waits for this.
+
+    Every blocking call made from a pool thread hands the GIL to and from the
+    reactor thread, and under load each hand-off is a pair of context
+    switches: a commit made wholly in a thread (about eleven file-system
+    calls) cost more CPU than receiving the message. So the reactor thread
+    does the calls that only touch the page cache and the directories
+    (``stage``: write the files into ``tmp/``; ``publish``: rename them into
+    ``queue/``), and the pool does only the fsyncs, a batch per thread job:
+
+    1. every staged message's two files are fsync'd (one job for the batch);
+    2. on the reactor, those that synced are renamed into ``queue/``;
+    3. one fsync of ``queue/`` (``Spool.queue_sync``) covers them all, and
+       only then does each one's Deferred fire.
+
+    At most one job of each step runs at a time; what arrives meanwhile waits
+    and goes in the next batch, so a lone message is committed at once and a
+    busy server shares each fsync of ``queue/`` among many sessions. A failure
+    fails only the messages it covers; each is removed from ``tmp/`` and
+    ``queue/`` (``MessageWriter.abort``, ``unpublish``) before its Deferred
+    fails, so nothing unacknowledged is delivered.
+    """
+
+    def __init__(self, spool: Spool, run_blocking: Callable[..., Deferred]):
+        self.spool = spool
+        self._run = run_blocking
+        self._staged: list[tuple[MessageWriter, Deferred]] = []
+        self._published: list[tuple[MessageWriter, Deferred]] = []
+        self._syncing_files = False
+        self._syncing_queue = False
+
+    def commit(self, writer: MessageWriter, envelope: Envelope) -> Deferred:
+        """Fires (with None) once the message is durably queued; fails with
+        the OSError that kept it from being, having removed what it wrote."""
+        d = Deferred()
         try:
-            spool.queue_sync.sync()
-        except OSError:
-            # Not durable, so not acknowledged (the client gets a 4xx): take it
-            # back out of the queue so it is not delivered later as well.
-            for name in (env, msg):
+            writer.stage(envelope)
+        except Exception:
+            writer.abort()
+            return fail()
+        self._staged.append((writer, d))
+        self._next_file_sync()
+        return d
+
+    def _next_file_sync(self) -> None:
+        if self._syncing_files or not self._staged:
+            return
+        batch, self._staged = self._staged, []
+        self._syncing_files = True
+        self._run(_sync_each, [writer for writer, _ in batch]).addBoth(self._files_synced, batch)
+
+    def _files_synced(self, errors, batch) -> None:
+        self._syncing_files = False
+        if isinstance(errors, Failure):
+            errors = [errors] * len(batch)
+        for (writer, d), error in zip(batch, errors):
+            if error is None:
                 try:
-                    os.unlink(spool.queue / name)
+                    writer.publish()
                 except OSError:
-                    pass
-            raise
+                    error = Failure()
+                    writer.unpublish()
+            if error is None:
+                self._published.append((writer, d))
+            else:
+                writer.abort()
+                d.errback(error)
+        self._next_file_sync()
+        self._next_queue_sync()
+
+    def _next_queue_sync(self) -> None:
+        if self._syncing_queue or not self._published:
+            return
+        batch, self._published = self._published, []
+        self._syncing_queue = True
+        self._run(self.spool.queue_sync.sync).addBoth(self._queue_synced, batch)
+
+    def _queue_synced(self, result, batch) -> None:
+        self._syncing_queue = False
+        for writer, d in batch:
+            if isinstance(result, Failure):
+                writer.unpublish()
+                writer.abort()
+                d.errback(result)
+            else:
+                d.callback(None)
+        self._next_queue_sync()
+
+
+def _sync_each(writers: list[MessageWriter]) -> list[Failure | None]:
+    """Blocking: ``sync_files`` of each writer; its failure or None, in order."""
+    errors: list[Failure | None] = []
+    for writer in writers:
+        try:
+            writer.sync_files()
+            errors.append(None)
+        except OSError:
+            errors.append(Failure())
+    return errors
 
 
 class Spool:

@@ -11,7 +11,7 @@ from mailstack.auth.directory import Directory
 from mailstack.config import Config
 from mailstack.connections import TOO_MANY, ConnectionLimits
 from mailstack.metrics import NULL_METRICS
-from mailstack.queue.spool import Envelope, Spool
+from mailstack.queue.spool import Envelope, GroupCommit, Spool
 from mailstack.smtp.reply import Reply
 from mailstack.smtp.session import Session
 
@@ -29,7 +29,7 @@ class SMTPFactory(ServerFactory):
     def __init__(self, config: Config, role: str, directory: Directory, spool: Spool,
                  queued: Callable[[Envelope], object], run_blocking: Callable[..., Deferred],
                  tls_context=None, implicit_tls: bool = False, portal=None,
-                 login_guard=None, clock=None, policy=None):
+                 login_guard=None, clock=None, policy=None, commits: GroupCommit | None = None):
         self.config = config
         self.hostname = config.server.hostname
         self.role = role
@@ -38,6 +38,8 @@ class SMTPFactory(ServerFactory):
         #: Called with each envelope committed to the spool (starts delivery).
         self.queued = queued
         self.run_blocking = run_blocking
+        #: Commits to the spool (the service shares one among its listeners).
+        self.commits = commits or GroupCommit(spool, run_blocking)
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
         #: Submission: logins (the one cred Portal), failed logins per client

@@ -695,14 +695,15 @@ class Session(Protocol, TimeoutMixin):
                 self._abort_transaction()
                 self.reply(refusal)
                 return
-            d = self.factory.run_blocking(self._sign_and_commit, t, envelope)
+            d = self.factory.run_blocking(self._signed, t, envelope)
+            d.addCallback(self.factory.commits.commit, envelope)
             d.addCallbacks(self._committed, self._commit_failed,
                            callbackArgs=(t, envelope), errbackArgs=(t, None))
             self._wait_for(d)
             return
         writer = t.writer
         t.writer = None
-        d = self.factory.run_blocking(writer.commit, envelope)
+        d = self.factory.commits.commit(writer, envelope)
         d.addCallbacks(self._committed, self._commit_failed,
                        callbackArgs=(t, envelope), errbackArgs=(t, writer))
         self._wait_for(d)
@@ -722,7 +723,8 @@ class Session(Protocol, TimeoutMixin):
             for rcpt in t.recipients:
                 if rcpt.local:
                     rcpt.folder = outcome.folder
-        d = self.factory.run_blocking(self._write_checked_and_commit, t, envelope, outcome)
+        d = self.factory.run_blocking(self._write_checked, t, envelope, outcome)
+        d.addCallback(self.factory.commits.commit, envelope)
         d.addCallbacks(self._committed, self._commit_failed,
                        callbackArgs=(t, envelope), errbackArgs=(t, None))
         return d
@@ -733,15 +735,15 @@ class Session(Protocol, TimeoutMixin):
         self._abort_transaction()
         self.reply(reply.LOCAL_ERROR)
 
-    def _write_checked_and_commit(self, t: Transaction, envelope: Envelope, outcome) -> None:
-        """Blocking: the trace and policy headers, then the held message
-        (without forged Authentication-Results), committed to the spool."""
+    def _write_checked(self, t: Transaction, envelope: Envelope, outcome) -> MessageWriter:
+        """Blocking: the spool writer of the trace and policy headers, then the
+        held message (without forged Authentication-Results)."""
         writer = self.factory.spool.writer(t.queue_id)
         try:
             self._write_trace_headers(t, writer, outcome.header_lines)
             t.checked.write_to(writer.write_line, outcome.drop)
             envelope.body_offset = t.body_offset
-            writer.commit(envelope)
+            return writer
         except BaseException:
             writer.abort()
             raise
@@ -762,8 +764,8 @@ class Session(Protocol, TimeoutMixin):
         t.from_domain = addresses[0].rpartition("@")[2].lower()
         return None
 
-    def _sign_and_commit(self, t: Transaction, envelope: Envelope) -> None:
-        """Blocking: DKIM-sign the held message, then write and commit it to the spool."""
+    def _signed(self, t: Transaction, envelope: Envelope) -> MessageWriter:
+        """Blocking: the spool writer of the held message, DKIM-signed."""
         t.body.seek(0)
         message = t.body.read()
         keys = load_keys(self.factory.config.dkim.keys_dir, t.from_domain)
@@ -777,7 +779,7 @@ class Session(Protocol, TimeoutMixin):
             for line in message.rstrip(b"\n").split(b"\n") if message else []:
                 writer.write_line(line)
             envelope.body_offset = t.body_offset
-            writer.commit(envelope)
+            return writer
         except BaseException:
             writer.abort()
             raise
