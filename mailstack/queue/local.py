@@ -43,8 +43,11 @@ Record = tuple[str, str, dict]
 class LocalDelivery:
     #: Most messages in one batch (one thread job).
     max_batch = 256
-    #: Batches running at once (each in a pool thread).
-    max_batches = 2
+    #: Batches running at once (each in a pool thread). One: under load the
+    #: next batch gathers everything committed meanwhile, so there are fewer
+    #: thread jobs and fsyncs of ``new/`` per message than with two (bench:
+    #: about 6% more messages/s, 0.1 ms less CPU per message).
+    max_batches = 1
 
     def __init__(self, spool: Spool, mail_root: MailRoot, hostname: str,
                  run_blocking: RunBlocking, clock, retry_delay: float = 60.0):
