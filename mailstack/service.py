@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import stat
 import threading
@@ -84,6 +85,26 @@ class ListenerService(Service):
             port, self.port = self.port, None
             return port.stopListening()
         return None
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one.
+
+    Every connection is a descriptor, and each commit in flight holds two
+    more (its spool files, open until their batch is fsync'd): the usual
+    soft limit of 1024 is below the default ``max_connections`` of SMTP,
+    IMAP and POP3 together, and running out answers clients with 4xx errors.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.warn("cannot raise the open files limit from {soft}: {err}", soft=soft, err=e)
+        return
+    log.info("open files limit raised from {soft} to {target}", soft=soft, target=target)
 
 
 class MailstackService(MultiService):
@@ -395,6 +416,10 @@ class MailstackService(MultiService):
         if pending:
             log.info("resuming {n} interrupted local deliveries", n=len(pending))
         self.outbound.start(envelopes)
+
+    def privilegedStartService(self) -> None:
+        raise_open_files_limit()
+        super().privilegedStartService()
 
     def startService(self) -> None:
         self._install_signals()
