@@ -242,11 +242,7 @@ class MessageWriter:
         """Move the lines held in memory to the file (creating it)."""
         if self._fd is None:
             self._touched = True
-            tmp_fd = self.spool._tmp_fd
-            if tmp_fd is None:
-                self._fd = os.open(self.path, _CREATE, 0o600)
-            else:
-                self._fd = os.open(self.path.name, _CREATE, 0o600, dir_fd=tmp_fd)
+            self._fd = self.spool.create_in_tmp(self.path.name)
         if self._parts:
             self._parts.append(b"")
             _write_all(self._fd, b"\n".join(self._parts))
@@ -287,12 +283,7 @@ class MessageWriter:
         envelope.size = self.size
         envelope.wsize = self.size + self.lines
         self._spill()
-        name = f"{self.id}.env"
-        tmp_fd = self.spool._tmp_fd
-        if tmp_fd is None:
-            self._env_fd = os.open(self.spool.tmp / name, _CREATE | os.O_TRUNC, 0o600)
-        else:
-            self._env_fd = os.open(name, _CREATE | os.O_TRUNC, 0o600, dir_fd=tmp_fd)
+        self._env_fd = self.spool.create_in_tmp(f"{self.id}.env")
         _write_all(self._env_fd, envelope.to_json())
 
     def sync_files(self) -> None:
@@ -470,6 +461,13 @@ class Spool:
             if fd is not None:
                 os.close(fd)
                 setattr(self, name, None)
+
+    def create_in_tmp(self, name: str) -> int:
+        """A new file ``tmp/<name>`` (O_EXCL, owner-only), opened for writing;
+        relative to the open ``tmp/`` of the running instance when there is one."""
+        if self._tmp_fd is None:
+            return os.open(self.tmp / name, _CREATE, 0o600)
+        return os.open(name, _CREATE, 0o600, dir_fd=self._tmp_fd)
 
     def writer(self, queue_id: str) -> MessageWriter:
         return MessageWriter(self, queue_id)

@@ -698,14 +698,14 @@ class Session(Protocol, TimeoutMixin):
             d = self.factory.run_blocking(self._signed, t, envelope)
             d.addCallback(self.factory.commits.commit, envelope)
             d.addCallbacks(self._committed, self._commit_failed,
-                           callbackArgs=(t, envelope), errbackArgs=(t, None))
+                           callbackArgs=(t, envelope), errbackArgs=(t,))
             self._wait_for(d)
             return
         writer = t.writer
         t.writer = None
         d = self.factory.commits.commit(writer, envelope)
         d.addCallbacks(self._committed, self._commit_failed,
-                       callbackArgs=(t, envelope), errbackArgs=(t, writer))
+                       callbackArgs=(t, envelope), errbackArgs=(t,))
         self._wait_for(d)
 
     def _policy_decided(self, outcome, t: Transaction, envelope: Envelope) -> Deferred | None:
@@ -726,7 +726,7 @@ class Session(Protocol, TimeoutMixin):
         d = self.factory.run_blocking(self._write_checked, t, envelope, outcome)
         d.addCallback(self.factory.commits.commit, envelope)
         d.addCallbacks(self._committed, self._commit_failed,
-                       callbackArgs=(t, envelope), errbackArgs=(t, None))
+                       callbackArgs=(t, envelope), errbackArgs=(t,))
         return d
 
     def _policy_failed(self, failure: Failure, t: Transaction) -> None:
@@ -792,15 +792,13 @@ class Session(Protocol, TimeoutMixin):
         self.reply(Reply(250, "2.0.0", f"Ok: queued as {t.queue_id}"))
         self.factory.queued(envelope)
 
-    def _commit_failed(self, failure: Failure, t: Transaction,
-                       writer: MessageWriter | None) -> None:
+    def _commit_failed(self, failure: Failure, t: Transaction) -> None:
+        """The commit failed (``GroupCommit`` has removed what it wrote)."""
         if failure.check(OSError):
             log.error("{id}: cannot commit to the spool: {err}", id=t.queue_id,
                       err=failure.value)
         else:
             log.failure("{id}: cannot commit to the spool", failure, id=t.queue_id)
-        if writer is not None:
-            writer.abort()
         if t.body is not None:
             t.body.close()
         self.transaction = None
