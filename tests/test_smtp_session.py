@@ -9,6 +9,7 @@ SECURITY-TESTS.md.
 
 from __future__ import annotations
 
+import email.utils
 import re
 import smtplib
 import time
@@ -225,7 +226,9 @@ class ReceivedHeaderTests(unittest.TestCase):
                 client.rcpt(DEMO)
                 return client.data(b"Subject: x\r\n\r\nx\r\n")
 
+        before = time.time()
         code, text = yield in_thread(send)
+        after = time.time()
         qid = queue_id(text.decode())
         files = yield wait_for(lambda: instance.stored(DEMO))
         received = split_stored(files[0])[1]
@@ -233,6 +236,10 @@ class ReceivedHeaderTests(unittest.TestCase):
             received,
             r"\AReceived: from client\.test \(\[127\.0\.0\.1\]\) by mail\.example\.test "
             rf"\(mailstack\) with ESMTP id {qid} for <demo@example\.test>; \S.*\d{{4}}\Z")
+        # The date is the second the message came in (RFC 5322 3.3, with a zone).
+        stamp = email.utils.parsedate_to_datetime(received.rpartition("; ")[2])
+        self.assertIsNotNone(stamp.tzinfo)
+        self.assertTrue(int(before) <= stamp.timestamp() <= after, (before, stamp, after))
         self.assertNotIn("using TLS", received)
         self.assertEqual(instance.committed[0].id, qid)
 

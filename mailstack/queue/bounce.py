@@ -14,6 +14,7 @@ import email.utils
 import re
 import secrets
 
+from mailstack.dates import header_date
 from mailstack.queue.spool import Envelope, Recipient
 
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
@@ -31,7 +32,7 @@ def build_dsn(hostname: str, envelope: Envelope, recipients: list[Recipient],
               original_headers: bytes, action: str = "failed") -> bytes:
     """The whole DSN message (LF line ends, as stored in the spool)."""
     boundary = f"{envelope.id}.{secrets.token_hex(8)}/{hostname}"
-    now = email.utils.format_datetime(email.utils.localtime())
+    now = header_date()
     arrival = email.utils.format_datetime(email.utils.localtime(
         datetime.datetime.fromtimestamp(envelope.arrival)))
     failed = action == "failed"

@@ -108,7 +108,7 @@ class Envelope:
         raw = {name: getattr(self, name) for name in _ENVELOPE_FIELDS}
         raw["recipients"] = [{name: getattr(r, name) for name in _RECIPIENT_FIELDS}
                              for r in self.recipients]
-        return json.dumps(raw, sort_keys=True).encode("utf-8")
+        return _ENVELOPE_JSON.encode(raw).encode("utf-8")
 
     @classmethod
     def from_json(cls, data: bytes) -> Envelope:
@@ -119,6 +119,8 @@ class Envelope:
 
 _ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
 _RECIPIENT_FIELDS = tuple(f.name for f in fields(Recipient))
+#: What json.dumps(sort_keys=True) uses, made once rather than per message.
+_ENVELOPE_JSON = json.JSONEncoder(sort_keys=True)
 
 
 class SpoolLocked(RuntimeError):

@@ -201,16 +201,20 @@ class DataReader:
             return False
         if len(block) > splitter.limit and max(map(len, block.split(b"\n"))) >= splitter.limit:
             return False
-        text = (block[1:] if block.startswith(b".") else block).replace(b"\r\n.", b"\r\n")
-        if self.size + len(text) > self.max_size:
+        # Every CR is the start of a CRLF (counted above), so dropping them
+        # all is CRLF -> LF; then unstuff on the LF form.
+        text = block.replace(b"\r", b"")
+        text = (text[1:] if text.startswith(b".") else text).replace(b"\n.", b"\n")
+        size = len(text) + n  # as received: each line counts its CRLF
+        if self.size + size > self.max_size:
             return False
-        self.size += len(text)
+        self.size += size
         splitter._pos = stop
         try:
             if self._write_block is not None:
-                self._write_block(text.replace(b"\r\n", b"\n"))
+                self._write_block(text)
             else:
-                for line in text.split(b"\r\n")[:-1]:
+                for line in text.split(b"\n")[:-1]:
                     self._write(line)
         except OSError as e:
             # The rest of the message is read and dropped; the reply comes after the dot.

@@ -33,7 +33,9 @@ class Reply(Exception):
             prefix = f"{self.code}{sep}"
             if self.enhanced:
                 prefix += self.enhanced + " "
-            out.append((prefix + _NOT_TEXT.sub("?", part)).encode("ascii"))
+            if not (part.isascii() and part.isprintable()):
+                part = _NOT_TEXT.sub("?", part)
+            out.append((prefix + part).encode("ascii"))
         return out
 
     @functools.cached_property
@@ -57,6 +59,9 @@ def printable(value: bytes | str, limit: int = 200) -> str:
 
 # RFC 5321 4.2.2 and RFC 3463 / RFC 5248 enhanced codes, as used here.
 OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long (RFC 5321 4.5.3.1.4)")
 BARE_NEWLINE_CMD = Reply(500, "5.5.2", "Error: command lines must end with CRLF (RFC 5321 2.3.8)")

@@ -32,6 +32,8 @@ class SMTPFactory(ServerFactory):
                  login_guard=None, clock=None, policy=None, commits: GroupCommit | None = None):
         self.config = config
         self.hostname = config.server.hostname
+        #: The 220 banner, made once: every connection sends it.
+        self.greeting = Reply(220, "", f"{self.hostname} ESMTP mailstack")
         self.role = role
         self.directory = directory
         self.spool = spool

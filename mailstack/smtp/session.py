@@ -28,7 +28,6 @@ get the same lines through their line callbacks.
 
 from __future__ import annotations
 
-import email.utils
 import re
 import tempfile
 import time
@@ -45,6 +44,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mailstack.auth.limiter import ADDRESS_LOCKED
+from mailstack.dates import header_date
 from mailstack.policy.message import MessageBuffer
 from mailstack.queue.dkimsign import load_keys, sign
 from mailstack.queue.spool import Envelope, MessageWriter, Recipient, new_queue_id
@@ -149,7 +149,7 @@ class Session(Protocol, TimeoutMixin):
 
     def _greet(self, refusal: Reply | None) -> None:
         if refusal is None:
-            self.reply(Reply(220, "", f"{self.factory.hostname} ESMTP mailstack"))
+            self.reply(self.factory.greeting)
             return
         log.info("reject: connect from [{ip}]: {code} {enhanced} {text}", ip=self.client_ip,
                  code=refusal.code, enhanced=refusal.enhanced, text=refusal.text)
@@ -504,8 +504,8 @@ class Session(Protocol, TimeoutMixin):
         self.transaction = Transaction(sender)
         if self.policy is not None and self.policy.active:
             return self._checked(self.policy.mail(self.transaction.sender_text),
-                                 Reply(250, "2.1.0", "Ok"), undo=self._refuse_mail)
-        return Reply(250, "2.1.0", "Ok")
+                                 reply.SENDER_OK, undo=self._refuse_mail)
+        return reply.SENDER_OK
 
     def _refuse_mail(self) -> None:
         if self.transaction is not None:
@@ -542,7 +542,7 @@ class Session(Protocol, TimeoutMixin):
             if rcpt not in {r.address for r in t.recipients}:
                 t.recipients.append(Recipient(rcpt, rcpt, False))
             t.accepted.append(rcpt)
-            return Reply(250, "2.1.5", "Ok")
+            return reply.RECIPIENT_OK
         destinations = None if mailbox.quoted else directory.resolve(rcpt)
         if destinations is None:
             return self._reject_rcpt(
@@ -562,7 +562,7 @@ class Session(Protocol, TimeoutMixin):
                 known.add(dest.address)
                 t.recipients.append(Recipient(dest.address, rcpt, dest.local))
         t.accepted.append(rcpt)
-        return Reply(250, "2.1.5", "Ok")
+        return reply.RECIPIENT_OK
 
     def _reject_rcpt(self, r: Reply, rcpt: str) -> Reply:
         log.info("NOQUEUE: reject: RCPT from [{ip}]: {code} {enhanced} {text}; from=<{sender}> "
@@ -597,13 +597,13 @@ class Session(Protocol, TimeoutMixin):
                 self.factory.hostname, lambda text: t.body.write(text + b"\n"))
             t.reader = DataReader(self.limits.max_message_size, t.completer.line)
             self.splitter.set_limit(self.limits.max_text_line)
-            return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+            return reply.START_DATA
         if self.policy is not None:
             t.checked = self.policy.message_buffer(self.factory.spool.tmp)
         if t.checked is not None:
             t.reader = DataReader(self.limits.max_message_size, t.checked.write_line)
             self.splitter.set_limit(self.limits.max_text_line)
-            return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+            return reply.START_DATA
         try:
             t.writer = self.factory.spool.writer(t.queue_id)
             self._write_trace_headers(t)
@@ -614,7 +614,7 @@ class Session(Protocol, TimeoutMixin):
         t.reader = DataReader(self.limits.max_message_size, t.writer.write_line,
                               t.writer.write_block)
         self.splitter.set_limit(self.limits.max_text_line)
-        return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+        return reply.START_DATA
 
     def _write_trace_headers(self, t: Transaction, writer: MessageWriter | None = None,
                              extra: list[str] = ()) -> None:
@@ -634,14 +634,14 @@ class Session(Protocol, TimeoutMixin):
                     + ("A" if self.user else ""))
         if self.user and self.factory.config.submission.hide_client_address:
             lines = [f"Received: by {self.factory.hostname} (mailstack) with {protocol} "
-                     f"id {t.queue_id};", f"\t{email.utils.format_datetime(email.utils.localtime())}"]
+                     f"id {t.queue_id};", f"\t{header_date()}"]
             return lines
         lines = [f"Received: from {self.helo} ([{literal}])"]
         cipher = self._tls_description()
         if cipher:
             lines.append(f"\t({cipher})")
         by = f"\tby {self.factory.hostname} (mailstack) with {protocol} id {t.queue_id}"
-        date = email.utils.format_datetime(email.utils.localtime())
+        date = header_date()
         if len(t.accepted) == 1:
             # Only for a single recipient, so Bcc recipients are not revealed.
             lines += [by, f"\tfor <{t.accepted[0]}>; {date}"]

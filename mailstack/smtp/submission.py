@@ -24,6 +24,7 @@ from zope.interface import Interface
 
 from mailstack.addresses import BadAddress, canonical
 from mailstack.auth.directory import Directory
+from mailstack.dates import header_date
 from mailstack.smtp.reply import Reply
 
 #: RFC 4954 4: a SASL response line may be 12288 octets long.
@@ -156,7 +157,7 @@ class HeaderCompleter:
         present = {line.split(b":", 1)[0].strip().lower() for line in self.header
                    if line[:1] not in (b" ", b"\t")}
         if b"date" not in present:
-            self.write(b"Date: " + email.utils.format_datetime(email.utils.localtime()).encode())
+            self.write(b"Date: " + header_date().encode())
         if b"message-id" not in present:
             token = secrets.token_hex(12)
             self.write(f"Message-ID: <{token}@{self.hostname}>".encode())
