@@ -5,6 +5,7 @@ Layout under ``spool_dir``::
     tmp/<id>.msg     message being received (never acknowledged yet)
     queue/<id>.msg   the message, exactly as it is delivered to a Maildir
     queue/<id>.env   its envelope (JSON): sender, recipients and their state
+    spare/<name>     envelope files of removed messages, for reuse (below)
     lock             held by the running instance
 
 Commit protocol (DESIGN invariant 1): the message file is fsync'd, the
@@ -20,6 +21,14 @@ batch and one fsync of ``queue/`` (``DirectorySync``) for all its renames.
 Each message is still acknowledged only after an fsync of ``queue/`` that
 started after its own renames.
 
+The envelope file of a removed message is kept in ``spare/`` and rewritten
+in place for the next message instead of creating a new one: a new inode
+costs the file system an allocation, and (on ext4 without a journal) a scan
+past every inode freed in the last minutes, for each message. A spare is
+never in ``queue/``, so what it holds does not matter until it is renamed
+there, fsync'd like a new file; one whose inode also appears in a queue
+(``take`` links envelopes between spools) is never reused.
+
 A message is held in memory until its commit; only a message larger than
 ``MessageWriter.SPILL`` is written to ``tmp/`` as it arrives, so the memory
 held per session stays bounded.
@@ -32,6 +41,7 @@ which is what the outbound client sends.
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import itertools
 import json
@@ -201,6 +211,8 @@ class MessageWriter:
         self._held = 0
         self._fd: int | None = None
         self._env_fd: int | None = None
+        #: The name in ``spare/`` of the envelope file reused for this message.
+        self._env_spare: str | None = None
         self._done = False
         self._touched = False
         #: Bytes written so far (LF line ends) and lines of them.
@@ -258,6 +270,9 @@ class MessageWriter:
         self._parts = []
         self._done = True
         self._close()
+        if self._env_spare is not None:
+            self.spool.return_spare(self._env_spare)
+            self._env_spare = None
         if self._touched:
             for path in (self.path, self.spool.tmp / f"{self.id}.env"):
                 try:
@@ -285,8 +300,7 @@ class MessageWriter:
         envelope.size = self.size
         envelope.wsize = self.size + self.lines
         self._spill()
-        self._env_fd = self.spool.create_in_tmp(f"{self.id}.env")
-        _write_all(self._env_fd, envelope.to_json())
+        self._env_fd, self._env_spare = self.spool.envelope_file(self.id, envelope.to_json())
 
     def sync_files(self) -> None:
         """Blocking: fsync the message and its envelope (after ``stage``)."""
@@ -298,11 +312,18 @@ class MessageWriter:
         (the commit record) last. Durable once ``queue/`` is fsync'd."""
         self._close()
         spool = self.spool
-        for name in (f"{self.id}.msg", f"{self.id}.env"):
-            if spool._tmp_fd is None:
-                os.rename(spool.tmp / name, spool.queue / name)
-            else:
-                os.rename(name, name, src_dir_fd=spool._tmp_fd, dst_dir_fd=spool._queue_fd)
+        msg, env = f"{self.id}.msg", f"{self.id}.env"
+        if spool._tmp_fd is None:
+            os.rename(spool.tmp / msg, spool.queue / msg)
+            os.rename(spool.tmp / env, spool.queue / env)
+            return
+        os.rename(msg, msg, src_dir_fd=spool._tmp_fd, dst_dir_fd=spool._queue_fd)
+        if self._env_spare is None:
+            os.rename(env, env, src_dir_fd=spool._tmp_fd, dst_dir_fd=spool._queue_fd)
+        else:
+            os.rename(self._env_spare, env, src_dir_fd=spool._spare_fd,
+                      dst_dir_fd=spool._queue_fd)
+            self._env_spare = None
 
     def unpublish(self) -> None:
         """Take a published message back out of ``queue/`` (its directory fsync
@@ -416,21 +437,42 @@ def _sync_each(writers: list[MessageWriter]) -> list[Failure | None]:
     return errors
 
 
+def _still_at(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the one at ``path``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
 class Spool:
+    #: Envelope files kept in ``spare/`` for reuse, at most.
+    SPARES = 1024
+
     def __init__(self, directory: Path):
         self.dir = Path(directory)
         self.tmp = self.dir / "tmp"
         self.queue = self.dir / "queue"
+        self.spare = self.dir / "spare"
         self._lock_fd: int | None = None
-        #: ``tmp/`` and ``queue/`` held open by the running instance (``open``).
+        #: ``tmp/``, ``queue/`` and ``spare/`` held open by the running instance (``open``).
         self._tmp_fd: int | None = None
         self._queue_fd: int | None = None
+        self._spare_fd: int | None = None
+        #: Names in ``spare/`` free for reuse. Removes run in pool threads and
+        #: commits on the reactor; the set keeps a name from being listed twice
+        #: (two writers on one file).
+        self._spares: collections.deque[str] = collections.deque()
+        self._spare_names: set[str] = set()
+        self._spare_lock = threading.Lock()
         #: Group commit of ``queue/`` (renames into it are durable after ``sync()``).
         self.queue_sync = DirectorySync(self.queue)
 
     def ensure(self) -> None:
         """Create the directories (owner-only access), durably."""
-        for d in (self.dir, self.tmp, self.queue):
+        for d in (self.dir, self.tmp, self.queue, self.spare):
             missing = []
             p = d
             while not p.is_dir():
@@ -455,10 +497,18 @@ class Spool:
         self._tmp_fd = os.open(self.tmp, _DIR_FLAGS)
         self._queue_fd = os.open(self.queue, _DIR_FLAGS)
         self.queue_sync.fd = self._queue_fd
+        self._spare_fd = os.open(self.spare, _DIR_FLAGS)
+        names = os.listdir(self._spare_fd)
+        with self._spare_lock:
+            self._spares.extend(names)
+            self._spare_names.update(names)
 
     def close(self) -> None:
         self.queue_sync.fd = None
-        for name in ("_tmp_fd", "_queue_fd", "_lock_fd"):
+        with self._spare_lock:
+            self._spares.clear()
+            self._spare_names.clear()
+        for name in ("_tmp_fd", "_queue_fd", "_spare_fd", "_lock_fd"):
             fd = getattr(self, name)
             if fd is not None:
                 os.close(fd)
@@ -471,6 +521,66 @@ class Spool:
             return os.open(self.tmp / name, _CREATE, 0o600)
         return os.open(name, _CREATE, 0o600, dir_fd=self._tmp_fd)
 
+    def envelope_file(self, queue_id: str, data: bytes) -> tuple[int, str | None]:
+        """A file holding ``data``, opened for writing, for the envelope of a
+        new message; and its name in ``spare/`` when it is a reused one, or
+        None when it is a new ``tmp/<id>.env``."""
+        while True:
+            with self._spare_lock:
+                if not self._spares:
+                    break
+                name = self._spares.popleft()
+                self._spare_names.discard(name)
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=self._spare_fd)
+            except OSError:
+                continue  # not a file we can reuse: a new one instead
+            st = os.fstat(fd)
+            if st.st_nlink != 1:
+                os.close(fd)  # also in a queue: never overwrite it
+                continue
+            try:
+                _write_all(fd, data)
+                if st.st_size > len(data):
+                    os.ftruncate(fd, len(data))
+            except OSError:
+                os.close(fd)
+                self.return_spare(name)
+                raise
+            return fd, name
+        fd = self.create_in_tmp(f"{queue_id}.env")
+        try:
+            _write_all(fd, data)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd, None
+
+    def return_spare(self, name: str) -> None:
+        """Put back a spare that ``envelope_file`` handed out and a commit did not use."""
+        with self._spare_lock:
+            if self._spare_fd is not None and name not in self._spare_names:
+                self._spares.append(name)
+                self._spare_names.add(name)
+
+    def _recycle(self, name: str) -> bool:
+        """Move ``queue/<name>`` into ``spare/`` for reuse, if there is room
+        and no other link to it; False when it must be unlinked instead."""
+        with self._spare_lock:
+            if (self._spare_fd is None or len(self._spares) >= self.SPARES
+                    or name in self._spare_names):
+                return False
+            spare_fd = self._spare_fd
+        try:
+            if os.stat(name, dir_fd=self._queue_fd, follow_symlinks=False).st_nlink != 1:
+                return False
+            os.rename(name, name, src_dir_fd=self._queue_fd, dst_dir_fd=spare_fd)
+        except FileNotFoundError:
+            return True  # already gone
+        self.return_spare(name)
+        return True
+
     def writer(self, queue_id: str) -> MessageWriter:
         return MessageWriter(self, queue_id)
 
@@ -478,17 +588,32 @@ class Spool:
         return self.queue / f"{queue_id}.msg"
 
     def load(self, queue_id: str) -> Envelope:
-        return Envelope.from_json((self.queue / f"{queue_id}.env").read_bytes())
+        """The envelope of a queued message; FileNotFoundError once it is gone
+        (also when the file was recycled for another message as it was read)."""
+        path = self.queue / f"{queue_id}.env"
+        with open(path, "rb") as f:
+            try:
+                envelope = Envelope.from_json(f.read())
+            except (ValueError, TypeError, KeyError):
+                if _still_at(f.fileno(), path):
+                    raise
+                envelope = None  # rewritten for another message as we read it
+        if envelope is None or envelope.id != queue_id:
+            raise FileNotFoundError(f"{queue_id}: removed from the queue")
+        return envelope
 
     def update(self, envelope: Envelope) -> None:
         """Durably replace the envelope (recipient states changed)."""
         replace_synced(self.queue / f"{envelope.id}.env", envelope.to_json(),
                        tmp=self.tmp / f"{envelope.id}.env")
 
-    def remove(self, queue_id: str) -> None:
-        """Drop a finished message: envelope first, so a crash leaves only an orphan."""
+    def remove(self, queue_id: str, recycle: bool = True) -> None:
+        """Drop a finished message: envelope first, so a crash leaves only an
+        orphan. The envelope file goes to ``spare/`` when ``recycle`` allows."""
         queue_fd = self._queue_fd
         for suffix in (".env", ".msg"):
+            if suffix == ".env" and recycle and self._recycle(f"{queue_id}.env"):
+                continue
             try:
                 if queue_fd is None:
                     os.unlink(self.queue / f"{queue_id}{suffix}")
@@ -519,7 +644,7 @@ class Spool:
             pass
         self.queue_sync.sync()
         envelope = self.load(queue_id)
-        other.remove(queue_id)
+        other.remove(queue_id, recycle=False)  # the envelope's inode is ours now
         fsync_dir(other.queue)
         return envelope
 
@@ -534,9 +659,10 @@ class Spool:
     def recover(self) -> list[Envelope]:
         """Envelopes of queued messages; removes what was never acknowledged.
 
-        An envelope that cannot be read is moved with its message into
-        ``corrupt/`` (and logged) rather than stopping the start-up: one bad
-        file must not keep every other message from being delivered.
+        An envelope that cannot be read, or names another message, is moved
+        with its message into ``corrupt/`` (and logged) rather than stopping
+        the start-up: one bad file must not keep every other message from
+        being delivered.
         """
         for entry in os.listdir(self.tmp):
             os.unlink(self.tmp / entry)
@@ -549,8 +675,8 @@ class Spool:
             elif suffix == "env":
                 try:
                     envelopes.append(self.load(stem))
-                except (ValueError, TypeError, KeyError) as e:
-                    self._quarantine(stem, e)
+                except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+                    self._quarantine(stem, e)  # FileNotFoundError: another message's id
         return envelopes
 
     def _quarantine(self, queue_id: str, error: Exception) -> None:
