@@ -28,6 +28,7 @@ from mailstack.auth.realm import MailRealm
 from mailstack.auth.directory import Directory
 from mailstack.auth.users import Users
 from mailstack.config import Config, Listener
+from mailstack.queue.fsync_process import FsyncProcess
 from mailstack.queue.local import LocalDelivery
 from mailstack.metrics import Metrics
 from mailstack.dns import Resolver
@@ -134,7 +135,8 @@ class MailstackService(MultiService):
         else:
             self.spool = Spool(worker_spool_dir(server.spool_dir, worker.index))
         self.spool.open()
-        self.commits = GroupCommit(self.spool, self.run_blocking)
+        self.fsyncs = FsyncProcess(reactor, self.run_blocking) if server.fsync_process else None
+        self.commits = GroupCommit(self.spool, self.run_blocking, self.fsyncs)
         #: Prometheus metrics of this service (its own registry), served at /metrics.
         self.metrics = Metrics(self.spool)
         self.tls_context = tls.server_context(config.tls)
@@ -424,6 +426,8 @@ class MailstackService(MultiService):
     def startService(self) -> None:
         self._install_signals()
         self.pool.start()
+        if self.fsyncs is not None:
+            self.fsyncs.start()
         if self.worker is not None:
             # The main process did the start-up checks, and took over this spool.
             self._resume(self.spool.recover())
@@ -453,6 +457,14 @@ class MailstackService(MultiService):
             return defer.DeferredList(closing).addCallback(lambda _: result)
 
         d.addBoth(imap_closed)
+
+        def fsyncs_stopped(result):
+            # Before the pool stops: what the child will not answer now goes to the pool.
+            if self.fsyncs is None:
+                return result
+            return self.fsyncs.stop().addCallback(lambda _: result)
+
+        d.addBoth(fsyncs_stopped)
 
         def stopped(result):
             self.imap_watcher.stop()

@@ -4,6 +4,7 @@ spool's queue still links to."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -11,7 +12,8 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from mailstack.queue.spool import Envelope, GroupCommit, MessageWriter, Recipient, Spool
+from mailstack.queue import spool as spool_module
+from mailstack.queue.spool import Envelope, GroupCommit, Recipient, Spool
 from tests.test_crash import run_now
 
 
@@ -72,10 +74,10 @@ class SpareEnvelopeTests(unittest.TestCase):
         self.successResultOf(self.commit("A"))
         self.spool.remove("A")
 
-        def broken(writer):
-            raise OSError(5, "Input/output error")
+        def broken(fds):
+            return [errno.EIO] * len(fds)
 
-        self.patch(MessageWriter, "sync_files", broken)
+        self.patch(spool_module, "fsync_each", broken)
         self.failureResultOf(self.commit("FAIL"), OSError)
         self.assertEqual(os.listdir(self.spool.queue), [])
         self.assertEqual(os.listdir(self.spool.tmp), [])

@@ -57,6 +57,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailstack.fsutil import fsync_dir, replace_synced
+from mailstack.queue.fsync_process import FsyncProcess
+from mailstack.queue.fsyncd import fsync_each
 
 log = Logger(namespace="mailstack.spool")
 _counter = itertools.count()
@@ -292,7 +294,7 @@ class MessageWriter:
         """Write the rest of the message and its envelope into ``tmp/``.
 
         Page-cache writes, no fsync: fast enough for the reactor thread. The
-        files stay open for ``sync_files``.
+        files stay open for the fsyncs of ``sync_fds``.
         """
         if self._done:
             raise RuntimeError(f"{self.id}: message already committed or aborted")
@@ -302,10 +304,9 @@ class MessageWriter:
         self._spill()
         self._env_fd, self._env_spare = self.spool.envelope_file(self.id, envelope.to_json())
 
-    def sync_files(self) -> None:
-        """Blocking: fsync the message and its envelope (after ``stage``)."""
-        os.fsync(self._fd)
-        os.fsync(self._env_fd)
+    def sync_fds(self) -> tuple[int, int]:
+        """The message's and the envelope's descriptors, to fsync after ``stage``."""
+        return self._fd, self._env_fd
 
     def publish(self) -> None:
         """Rename both files into ``queue/``: message first, the envelope
@@ -344,9 +345,11 @@ class GroupCommit:
     calls) cost more CPU than receiving the message. So the reactor thread
     does the calls that only touch the page cache and the directories
     (``stage``: write the files into ``tmp/``; ``publish``: rename them into
-    ``queue/``), and the pool does only the fsyncs, a batch per thread job:
+    ``queue/``), and only the fsyncs are made elsewhere, a batch at a time: by
+    the fsync process (``fsync_process``) when the server runs one, which
+    costs the reactor no GIL hand-off at all, else by a pool thread job:
 
-    1. every staged message's two files are fsync'd (one job for the batch);
+    1. every staged message's two files are fsync'd (one request for the batch);
     2. on the reactor, those that synced are renamed into ``queue/``;
     3. one fsync of ``queue/`` (``Spool.queue_sync``) covers them all, and
        only then does each one's Deferred fire.
@@ -359,9 +362,11 @@ class GroupCommit:
     fails, so nothing unacknowledged is delivered.
     """
 
-    def __init__(self, spool: Spool, run_blocking: Callable[..., Deferred]):
+    def __init__(self, spool: Spool, run_blocking: Callable[..., Deferred],
+                 fsyncs: FsyncProcess | None = None):
         self.spool = spool
         self._run = run_blocking
+        self._fsyncs = fsyncs
         self._staged: list[tuple[MessageWriter, Deferred]] = []
         self._published: list[tuple[MessageWriter, Deferred]] = []
         self._syncing_files = False
@@ -385,7 +390,12 @@ class GroupCommit:
             return
         batch, self._staged = self._staged, []
         self._syncing_files = True
-        self._run(_sync_each, [writer for writer, _ in batch]).addBoth(self._files_synced, batch)
+        fds = [fd for writer, _ in batch for fd in writer.sync_fds()]
+        if self._fsyncs is not None:
+            d = self._fsyncs.fsync(fds)
+        else:
+            d = self._run(fsync_each, fds)
+        d.addCallback(_failures_of_pairs).addBoth(self._files_synced, batch)
 
     def _files_synced(self, errors, batch) -> None:
         self._syncing_files = False
@@ -411,7 +421,12 @@ class GroupCommit:
             return
         batch, self._published = self._published, []
         self._syncing_queue = True
-        self._run(self.spool.queue_sync.sync).addBoth(self._queue_synced, batch)
+        fd = self.spool.queue_sync.fd
+        if self._fsyncs is not None and fd is not None:
+            d = self._fsyncs.fsync([fd]).addCallback(_raise_first)
+        else:
+            d = self._run(self.spool.queue_sync.sync)
+        d.addBoth(self._queue_synced, batch)
 
     def _queue_synced(self, result, batch) -> None:
         self._syncing_queue = False
@@ -425,16 +440,20 @@ class GroupCommit:
         self._next_queue_sync()
 
 
-def _sync_each(writers: list[MessageWriter]) -> list[Failure | None]:
-    """Blocking: ``sync_files`` of each writer; its failure or None, in order."""
-    errors: list[Failure | None] = []
-    for writer in writers:
-        try:
-            writer.sync_files()
-            errors.append(None)
-        except OSError:
-            errors.append(Failure())
-    return errors
+def _error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def _failures_of_pairs(codes: list[int]) -> list[Failure | None]:
+    """Per writer (two descriptors each, in order): the failure of its first
+    descriptor that did not sync, or None."""
+    return [Failure(_error(a or b)) if a or b else None for a, b in zip(codes[::2], codes[1::2])]
+
+
+def _raise_first(codes: list[int]) -> None:
+    for code in codes:
+        if code:
+            raise _error(code)
 
 
 def _still_at(fd: int, path: Path) -> bool:

@@ -161,12 +161,15 @@ class DaemonProcess:
         self.proc: subprocess.Popen | None = None
         self.log = self.root / "twistd.log"
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 20.0, process_group: int = -1) -> None:
+        """``process_group=0``: in a process group of its own, as a shell
+        runs a foreground job (a Ctrl-C reaches the whole group)."""
         twistd = Path(sys.executable).with_name("twistd")
         self.proc = subprocess.Popen(
             [str(twistd), "--nodaemon", "--pidfile=", f"--logfile={self.log}", "mailstack",
              "--config", str(self.config_path)],
-            cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            process_group=process_group)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
