@@ -64,8 +64,9 @@ class ServerConfig:
     aliases_file: Path = Path("aliases")
     #: Threads for blocking work (fsync, password hashing, DNS).
     threads: int = 16
-    #: Make the commit's fsyncs in a child process (mailstack.queue.fsync_process)
-    #: rather than in the threads: the same fsyncs, with less CPU per message.
+    #: Make the fsyncs of SMTP commits and local delivery in a child process
+    #: (mailstack.queue.fsync_process) rather than in the threads: the same
+    #: fsyncs, with less CPU per message.
     fsync_process: bool = True
     #: The addresses the internet reaches this server at: the A/AAAA records
     #: of ``hostname``, its PTR and the SPF record (``mailstack dns``, ``mailstack check``).

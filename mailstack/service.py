@@ -154,7 +154,8 @@ class MailstackService(MultiService):
                                     self.run_blocking)
         self.outbound.metrics = self.metrics
         self.local = LocalDelivery(self.spool, self.mail_root, server.hostname,
-                                   self.run_blocking, reactor, config.queue.retry_delay)
+                                   self.run_blocking, reactor, config.queue.retry_delay,
+                                   self.fsyncs)
         #: IMAP: the per-folder indexes shared by all sessions, and the IDLE watcher.
         self.imap_indexes = IndexRegistry()
         self.imap_watcher = FolderWatcher(reactor, config.imap.poll_interval)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import smtplib
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +24,10 @@ from twisted.trial import unittest
 from mailstack.queue import fsync_process
 from mailstack.queue.fsync_process import FsyncProcess
 from mailstack.queue.fsyncd import fsync_each
+from mailstack.queue.local import LocalDelivery
+from mailstack.queue.spool import Envelope, GroupCommit, Recipient, Spool
+from mailstack.store.maildir import MailRoot
+from tests.test_crash import run_now
 from tests.support.instance import DaemonProcess, in_thread, wait_for
 from tests.support.smtpclient import MXInstance
 
@@ -107,6 +113,83 @@ class FsyncProcessTests(unittest.TestCase):
         codes = yield self.process.fsync([self.file])  # stopped: the pool does it
         self.assertEqual(codes, [0])
         self.assertEqual(self.pool_jobs, [fsync_each])
+
+
+class LocalDeliveryTests(unittest.TestCase):
+    """With an fsync process, a batch of fresh deliveries runs on the reactor
+    and only the fsync of each ``new/`` leaves it; a delivery counts (the
+    spool entry goes) only once that fsync is answered."""
+
+    def setUp(self):
+        self.pool_jobs: list = []
+        self.process = FsyncProcess(reactor, self.run_blocking)
+        self.process.start()
+        self.addCleanup(self.process.stop)
+
+    def run_blocking(self, f, *args):
+        self.pool_jobs.append(f)
+        return threads.deferToThread(f, *args)
+
+    def instance(self, spool_dir: Path, mail_root: Path) -> LocalDelivery:
+        self.spool = Spool(spool_dir)
+        self.spool.open()
+        self.addCleanup(self.spool.close)
+        self.mail_root = MailRoot(mail_root)
+        self.mail_root.ensure()
+        local = LocalDelivery(self.spool, self.mail_root, "mx.example.test", self.run_blocking,
+                              reactor, fsyncs=self.process)
+        self.addCleanup(local.stop)
+        return local
+
+    def commit(self, queue_id: str) -> Envelope:
+        writer = self.spool.writer(queue_id)
+        writer.write_line(b"Subject: " + queue_id.encode())
+        envelope = Envelope(id=queue_id, sender="s@remote.test", arrival=time.time(),
+                            recipients=[Recipient(DEMO, DEMO, True)])
+        self.successResultOf(GroupCommit(self.spool, run_now).commit(writer, envelope))
+        return envelope
+
+    def new(self) -> list[Path]:
+        return sorted((self.mail_root.maildir(DEMO).path / "new").iterdir())
+
+    @defer.inlineCallbacks
+    def test_delivered_on_the_reactor_and_counted_after_the_fsync_of_new(self):
+        root = Path(self.mktemp())
+        local = self.instance(root / "spool", root / "maildirs")
+        yield self.process.fsync([self.spool.queue_sync.fd])  # the child answers
+        envelope = self.commit("FAST")
+        yield local.deliver(self.commit("FIRST"))  # creates the Maildir
+        os.kill(self.process.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: self.process.pid and os.kill(self.process.pid, signal.SIGCONT))
+        done = local.deliver(envelope)
+        # Placed at once, on this thread: in new/, but not yet delivered.
+        self.assertEqual(len(self.new()), 2)
+        yield sleep(0.2)
+        self.assertNoResult(done)
+        self.assertIn("FAST", self.spool.queued_ids())
+        os.kill(self.process.pid, signal.SIGCONT)
+        self.assertFalse((yield done))
+        self.assertEqual(self.spool.queued_ids(), [])
+        self.assertEqual(sorted(p.read_bytes() for p in self.new()),
+                         [b"Subject: FAST\n", b"Subject: FIRST\n"])
+        self.assertEqual(self.pool_jobs, [], "a delivery went through the pool")
+
+    @defer.inlineCallbacks
+    def test_a_spool_on_another_file_system_is_copied_in_the_pool(self):
+        shm = Path("/dev/shm")
+        if not shm.is_dir() or os.stat(shm).st_dev == os.stat(".").st_dev:
+            raise unittest.SkipTest("needs /dev/shm on a file system of its own")
+        spool_dir = Path(tempfile.mkdtemp(dir=shm))
+        self.addCleanup(shutil.rmtree, spool_dir)
+        local = self.instance(spool_dir / "spool", Path(self.mktemp()) / "maildirs")
+        envelope = self.commit("COPIED")
+        self.assertFalse((yield local.deliver(envelope)))
+        [copy] = self.new()
+        self.assertEqual(copy.read_bytes(), b"Subject: COPIED\n")
+        self.assertEqual(os.stat(copy).st_nlink, 1)
+        self.assertEqual(self.spool.queued_ids(), [])
+        self.assertIn(LocalDelivery._deliver_batch.__name__,
+                      [getattr(job, "__name__", "") for job in self.pool_jobs])
 
 
 class CommitTests(unittest.TestCase):

@@ -97,6 +97,14 @@ class MailRoot:
                     continue
         return removed
 
+    def shares_file_system(self, path: Path) -> bool:
+        """Whether ``path`` is on this tree's file system (its files can be
+        hard-linked into Maildirs, never copied)."""
+        try:
+            return os.stat(self.root).st_dev == os.stat(path).st_dev
+        except OSError:
+            return False
+
     def maildir(self, address: str, folder: str = "") -> Maildir:
         """The INBOX Maildir of a canonical ``local@domain`` address, or with
         ``folder`` one of its Maildir++ folders (``.Junk`` for quarantined mail)."""
@@ -213,7 +221,7 @@ class Maildir:
             raise
 
     @staticmethod
-    def _place_in_tmp(source: Path, name: str, tmp: int) -> None:
+    def _place_in_tmp(source: Path, name: str, tmp: int, copy: bool = True) -> None:
         for _ in range(2):
             try:
                 os.link(source, name, dst_dir_fd=tmp, follow_symlinks=False)
@@ -222,7 +230,7 @@ class Maildir:
                 # Left by an attempt that crashed before the rename (MD-3).
                 os.unlink(name, dir_fd=tmp)
             except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                if not copy or e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                     raise
                 break
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -305,10 +313,11 @@ class DeliveryTarget:
         self._new = new
         self._bases: set[str] | None = None
 
-    def place(self, source: Path, base: str, size: int, wsize: int) -> str:
-        """Link (or copy) ``source`` into ``tmp/`` and rename it into ``new/``."""
+    def place(self, source: Path, base: str, size: int, wsize: int, copy: bool = True) -> str:
+        """Link ``source`` into ``tmp/`` (or, where it cannot be linked and
+        ``copy`` allows, copy and fsync it) and rename it into ``new/``."""
         name = f"{base},S={size},W={wsize}"
-        Maildir._place_in_tmp(source, name, self._tmp)
+        Maildir._place_in_tmp(source, name, self._tmp, copy)
         os.rename(name, name, src_dir_fd=self._tmp, dst_dir_fd=self._new)
         return name
 
@@ -317,6 +326,11 @@ class DeliveryTarget:
         if self._bases is None:
             self._bases = self.maildir.delivered_bases()
         return base in self._bases
+
+    @property
+    def new_fd(self) -> int:
+        """The open ``new/``, for an fsync made elsewhere (instead of ``sync``)."""
+        return self._new
 
     def sync(self) -> None:
         os.fsync(self._new)
