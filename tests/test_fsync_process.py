@@ -278,7 +278,7 @@ class DaemonTests(unittest.TestCase):
         """Ctrl-C at a terminal: SIGINT to the server's process group. The
         child is in a group of its own, so it cannot die first (or while it
         starts, with a traceback); the server stops and then ends it."""
-        daemon = self.start(process_group=0)
+        daemon = self.start(foreground_job=True)
         [child] = self.children(daemon.proc.pid)
         self.assertNotEqual(os.getpgid(child), os.getpgid(daemon.proc.pid))
         os.killpg(daemon.proc.pid, signal.SIGINT)

@@ -161,15 +161,20 @@ class DaemonProcess:
         self.proc: subprocess.Popen | None = None
         self.log = self.root / "twistd.log"
 
-    def start(self, timeout: float = 20.0, process_group: int = -1) -> None:
-        """``process_group=0``: in a process group of its own, as a shell
-        runs a foreground job (a Ctrl-C reaches the whole group)."""
+    def start(self, timeout: float = 20.0, foreground_job: bool = False) -> None:
+        """``foreground_job``: as a shell runs one, in a process group of its
+        own (a Ctrl-C reaches the whole group) and with SIGINT at its default
+        action, even when this test run inherited it ignored (a background job)."""
         twistd = Path(sys.executable).with_name("twistd")
+        command = [str(twistd), "--nodaemon", "--pidfile=", f"--logfile={self.log}", "mailstack",
+                   "--config", str(self.config_path)]
+        if foreground_job:
+            command = [sys.executable, "-c", "import os, signal, sys; "
+                       "signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                       "os.execv(sys.argv[1], sys.argv[1:])"] + command
         self.proc = subprocess.Popen(
-            [str(twistd), "--nodaemon", "--pidfile=", f"--logfile={self.log}", "mailstack",
-             "--config", str(self.config_path)],
-            cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-            process_group=process_group)
+            command, cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            process_group=0 if foreground_job else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
