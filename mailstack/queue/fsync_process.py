@@ -58,6 +58,11 @@ STOP_TIMEOUT = 5.0
 REAP_INTERVAL = 0.02
 
 
+def error_of(code: int) -> OSError:
+    """The OSError for an errno an fsync answered with (``fsync`` results)."""
+    return OSError(code, os.strerror(code))
+
+
 @implementer(IReadDescriptor)
 class _Channel:
     """The server's end of the socket pair: the child's answers."""
@@ -177,8 +182,6 @@ class FsyncProcess:
 
     # -- internals -------------------------------------------------------------
     def _send(self, fds: list[int]) -> Deferred:
-        if not fds:
-            return defer.succeed([])
         if self._channel is not None:
             try:
                 socket.send_fds(self._channel.sock, [b"s"], fds)

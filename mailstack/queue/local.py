@@ -23,7 +23,6 @@ fsync'd before it counts as delivered, like a fresh delivery.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -31,7 +30,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailstack.queue.fsync_process import FsyncProcess
+from mailstack.queue.fsync_process import FsyncProcess, error_of
 from mailstack.queue.spool import Envelope, Spool
 from mailstack.store.maildir import DeliveryTarget, MailRoot, delivery_base
 
@@ -127,10 +126,11 @@ class LocalDelivery:
                 jobs[envelope.id] = (envelope, replay or (previous is not None and previous[1]))
             self._active.update(jobs)
             self._batches += 1
-            if self._deliver_here(jobs.values()):
-                d = self._deliver_batch_here(list(jobs.values()))
+            work = list(jobs.values())
+            if self._deliver_here(work):
+                d = self._deliver_batch_here(work)
             else:
-                d = self._run(self._deliver_batch, list(jobs.values()))
+                d = self._run(self._deliver_batch, work)
             d.addBoth(self._batch_done, batch, list(jobs))
 
     def _deliver_here(self, jobs) -> bool:
@@ -197,8 +197,7 @@ class LocalDelivery:
             batch.place(copy=False)
             keys = list(batch.targets)
             codes = yield self.fsyncs.fsync([batch.targets[key].new_fd for key in keys])
-            batch.synced({key: OSError(code, os.strerror(code))
-                          for key, code in zip(keys, codes) if code})
+            batch.synced({key: error_of(code) for key, code in zip(keys, codes) if code})
         finally:
             batch.close()
         stale = batch.settle()

@@ -57,7 +57,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailstack.fsutil import fsync_dir, replace_synced
-from mailstack.queue.fsync_process import FsyncProcess
+from mailstack.queue.fsync_process import FsyncProcess, error_of
 from mailstack.queue.fsyncd import fsync_each
 
 log = Logger(namespace="mailstack.spool")
@@ -440,20 +440,16 @@ class GroupCommit:
         self._next_queue_sync()
 
 
-def _error(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
-
-
 def _failures_of_pairs(codes: list[int]) -> list[Failure | None]:
     """Per writer (two descriptors each, in order): the failure of its first
     descriptor that did not sync, or None."""
-    return [Failure(_error(a or b)) if a or b else None for a, b in zip(codes[::2], codes[1::2])]
+    return [Failure(error_of(a or b)) if a or b else None for a, b in zip(codes[::2], codes[1::2])]
 
 
 def _raise_first(codes: list[int]) -> None:
     for code in codes:
         if code:
-            raise _error(code)
+            raise error_of(code)
 
 
 def _still_at(fd: int, path: Path) -> bool:
