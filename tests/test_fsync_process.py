@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import smtplib
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -249,9 +248,21 @@ class DaemonTests(unittest.TestCase):
     """The child of a real ``twistd mailstack`` never outlives it."""
 
     def children(self, pid: int) -> list[int]:
-        out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)],
-                             capture_output=True, text=True).stdout
-        return [int(line.split()[0]) for line in out.splitlines() if "mailstack.queue.fsyncd" in line]
+        """The fsync processes whose parent is ``pid`` (read from /proc)."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    command = f.read()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if ppid == pid and b"mailstack.queue.fsyncd" in command:
+                found.append(int(entry))
+        return found
 
     def start(self, **options) -> DaemonProcess:
         daemon = DaemonProcess(Path(self.mktemp()))
