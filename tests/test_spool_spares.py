@@ -70,6 +70,22 @@ class SpareEnvelopeTests(unittest.TestCase):
         self.assertEqual(self.inode(again.queue / "B.env"), ino)
         self.assertEqual(again.load("B").id, "B")
 
+    def test_a_commit_published_after_the_spool_closed_keeps_its_reused_envelope(self):
+        """A batch whose fsyncs answer while the server stops is published by
+        path (the spool's directories are closed): from spare/ when its
+        envelope file is a reused one."""
+        self.successResultOf(self.commit("A"))
+        self.spool.remove("A")
+        writer = self.spool.writer("LATE")
+        writer.write_line(b"Subject: LATE")
+        writer.stage(Envelope(id="LATE", sender="s@remote.example", arrival=time.time(),
+                              recipients=[Recipient("u@example.test", "u@example.test", True)]))
+        self.spool.close()
+        writer.publish()
+        self.assertEqual(sorted(os.listdir(self.spool.queue)), ["LATE.env", "LATE.msg"])
+        self.assertEqual(os.listdir(self.spool.spare), [])
+        self.assertEqual(self.spool.load("LATE").id, "LATE")
+
     def test_a_failed_commit_gives_the_spare_back(self):
         self.successResultOf(self.commit("A"))
         self.spool.remove("A")

@@ -316,7 +316,11 @@ class MessageWriter:
         msg, env = f"{self.id}.msg", f"{self.id}.env"
         if spool._tmp_fd is None:
             os.rename(spool.tmp / msg, spool.queue / msg)
-            os.rename(spool.tmp / env, spool.queue / env)
+            if self._env_spare is None:
+                os.rename(spool.tmp / env, spool.queue / env)
+            else:
+                os.rename(spool.spare / self._env_spare, spool.queue / env)
+                self._env_spare = None
             return
         os.rename(msg, msg, src_dir_fd=spool._tmp_fd, dst_dir_fd=spool._queue_fd)
         if self._env_spare is None:
